@@ -1,0 +1,21 @@
+"""Error types users can catch. Each message says what went wrong, where, and what to do."""
+
+
+class BertrayError(Exception):
+    """Base class of every error bertray raises on purpose."""
+
+
+class ConfigError(BertrayError, ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+class CheckpointError(BertrayError):
+    """A checkpoint directory is missing, incomplete, corrupt or does not fit the model."""
+
+
+class CorpusError(BertrayError):
+    """A pretraining corpus cannot be found, reached or read."""
+
+
+class TaskDataError(BertrayError, ValueError):
+    """A fine-tuning data file is malformed (the message names the file and line)."""

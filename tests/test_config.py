@@ -1,0 +1,80 @@
+"""bertray.config: presets, Hugging Face config.json round trips, validation errors."""
+
+import json
+
+import pytest
+
+from bertray.config import MODEL_PRESETS, BertConfig
+from bertray.errors import ConfigError
+
+
+@pytest.mark.parametrize("name,layers,hidden,heads", [
+    ("tiny", 2, 128, 2), ("mini", 4, 256, 4), ("small", 4, 512, 8),
+    ("medium", 8, 512, 8), ("base", 12, 768, 12), ("large", 24, 1024, 16),
+])
+def test_presets_match_google_sizes(name, layers, hidden, heads):
+    cfg = BertConfig.preset(name)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads) == (layers, hidden, heads)
+    assert cfg.intermediate_size == 4 * hidden
+    assert cfg.max_position_embeddings == 512 and cfg.type_vocab_size == 2
+    assert set(MODEL_PRESETS) == {"tiny", "mini", "small", "medium", "base", "large"}
+
+
+def test_real_hf_config_round_trip(minilm_dir, tmp_path):
+    cfg = BertConfig.from_json_file(minilm_dir / "config.json")
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads) == (6, 384, 12)
+    out = tmp_path / "config.json"
+    cfg.to_json_file(out, architectures=["BertModel"])
+    written = json.loads(out.read_text())
+    original = json.loads((minilm_dir / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id"):
+        assert written[key] == original[key], key
+    assert BertConfig.from_json_file(out) == cfg
+
+
+def test_hf_transformers_reads_our_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = BertConfig.preset("mini", is_causal=True, id2label={0: "neg", 1: "pos"})
+    cfg.to_json_file(tmp_path / "config.json")
+    hf = transformers.BertConfig.from_pretrained(tmp_path)
+    assert hf.hidden_size == 256 and hf.num_hidden_layers == 4 and hf.is_decoder is True
+    assert hf.id2label == {0: "neg", 1: "pos"}
+    hf.save_pretrained(tmp_path / "back")
+    assert BertConfig.from_json_file(tmp_path / "back" / "config.json") == cfg
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"hidden_size": -8}, "hidden_size: must be a positive integer"),
+    ({"num_attention_heads": 5}, "num_attention_heads: must divide hidden_size=768"),
+    ({"hidden_sise": 768}, "unknown key 'hidden_sise'"),
+    ({"hidden_act": "swish"}, "hidden_act: 'swish' is not supported; choose one of gelu"),
+    ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob: must be in [0, 1)"),
+    ({"num_hidden_layers": "twelve"}, "num_hidden_layers: expected an integer"),
+    ({"is_causal": "yes"}, "is_causal: expected true or false"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type: only 'absolute'"),
+    ({"model_type": "roberta"}, "model_type: 'roberta' is not a BERT model"),
+])
+def test_bad_values_name_the_key(change, needle):
+    with pytest.raises(ConfigError) as err:
+        BertConfig.from_dict({**BertConfig().to_dict(), **change})
+    assert needle in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_name():
+    with pytest.raises(ConfigError, match="did you mean hidden_size"):
+        BertConfig.from_dict({"hiden_size": 12})
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="choose one of tiny, mini, small, medium, base, large"):
+        BertConfig.preset("huge")
+
+
+def test_malformed_config_file(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"hidden_size": 768,')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        BertConfig.from_json_file(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        BertConfig.from_json_file(tmp_path / "missing.json")
