@@ -1,0 +1,249 @@
+"""The Ray Data pipeline: corpus files -> documents -> token ids -> NSP instances -> masked batches.
+
+The only module that knows Ray Data. Every stage is a pure function from `documents.py`, `nsp.py`
+and `masking.py`; this file decides where each runs (read tasks, a tokenizer actor pool, masking
+tasks), with how many CPUs, and how randomness is keyed.
+
+Passes over the corpus are part of the dataset itself: read tasks are (pass, group of files), so a
+trainer consumes one long stream and every pass draws new NSP pairs and masks (dynamic masking)
+from a seed derived from (run seed, generation, pass, file, block). `generation` changes when a
+run resumes so the resumed stream is fresh rather than a replay of what was already seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from bertray.data.documents import CorpusCounters, CorpusLayout
+from bertray.data.masking import MaskingConfig, causal_lm_targets, mask_tokens
+from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instances
+from bertray.data.seeding import derive_rng
+from bertray.data.sources import CorpusFile, read_documents
+
+log = logging.getLogger(__name__)
+
+# Stage tags mixed into seeds so NSP pairing and masking never share a random stream.
+_STAGE_READ, _STAGE_PAIR, _STAGE_MASK = 1, 2, 3
+OBJECTIVES = ("mlm_nsp", "mlm", "ltr")
+TRAINER_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
+                   "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
+PROVENANCE_COLUMNS = ("doc_id", "b_doc_id", "a_start", "a_end", "b_start", "b_end", "pass_index")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a pipeline run needs besides the files; built from the validated config."""
+
+    layout: CorpusLayout
+    nsp: NSPConfig
+    masking: MaskingConfig
+    tokenizer_json: str                # the serialized `tokenizers.Tokenizer`: workers on any node can build it
+    objective: str = "mlm_nsp"
+    corpus_format: str = "auto"
+    seed: int = 0
+    generation: int = 0
+    passes: int = 1
+    docs_per_batch: int = 256
+    files_per_read_task: int = 4
+    read_cpus: float = 0.25
+    tokenizer_cpus: float = 1.0
+    tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
+    mask_cpus: float = 0.25
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@ray.remote(num_cpus=0)
+class PipelineCounters:
+    """Sums the per-file and per-batch counters of every read task and stage, for the run summary."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        for key, value in counts.items():
+            self.totals[key] = self.totals.get(key, 0) + int(value)
+
+    def get(self) -> dict[str, int]:
+        return dict(self.totals)
+
+
+def _doc_table(docs: list[list[str]], doc_ids: list[int], pass_index: int) -> pa.Table:
+    return pa.table({
+        "sentences": pa.array(docs, type=pa.list_(pa.string())),
+        "doc_id": pa.array(doc_ids, type=pa.int64()),
+        "pass_index": pa.array([pass_index] * len(docs), type=pa.int32()),
+    })
+
+
+def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamSpec,
+                     counters_actor: Any, docs_per_block: int) -> Iterator[pa.Table]:
+    """Interleave the documents of a few files round-robin, so every block (and so every NSP
+    buffer) mixes documents from several files even when each file holds a single document."""
+    counters = CorpusCounters()
+    streams = {f.index: read_documents(f, spec.layout, counters, fmt=spec.corpus_format,
+                                       storage_options=spec.storage_options) for f in files}
+    next_doc = {index: 0 for index in streams}
+    docs: list[list[str]] = []
+    ids: list[int] = []
+    while streams:
+        for index in list(streams):
+            doc = next(streams[index], None)
+            if doc is None:
+                del streams[index]
+                continue
+            docs.append(doc)
+            ids.append((index << 32) | next_doc[index])
+            next_doc[index] += 1
+            if len(docs) >= docs_per_block:
+                yield _doc_table(docs, ids, pass_index)
+                docs, ids = [], []
+    if docs:
+        yield _doc_table(docs, ids, pass_index)
+    if counters_actor is not None:
+        counters_actor.add.remote(counters.as_dict())
+
+
+class CorpusDatasource(Datasource):
+    """One read task per (pass, group of files); file groups are shuffled per pass."""
+
+    def __init__(self, files: Sequence[CorpusFile], spec: StreamSpec, counters_actor: Any = None) -> None:
+        super().__init__()
+        self._files = list(files)
+        self._spec = spec
+        self._counters = counters_actor
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        sizes = [f.size for f in self._files]
+        return None if None in sizes else int(sum(sizes)) * self._spec.passes
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        spec, group = self._spec, max(1, self._spec.files_per_read_task)
+        tasks = []
+        for pass_index in range(spec.passes):
+            order = derive_rng(spec.seed, spec.generation, pass_index, _STAGE_READ).permutation(len(self._files))
+            shuffled = [self._files[i] for i in order]
+            for start in range(0, len(shuffled), group):
+                files = shuffled[start:start + group]
+                size = sum(f.size or 0 for f in files) or None
+                meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None,
+                                     input_files=tuple(f.url for f in files))
+                tasks.append(ReadTask(
+                    lambda files=files, p=pass_index: _read_file_group(
+                        files, p, spec, self._counters, spec.docs_per_batch),
+                    meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def get_name(self) -> str:
+        return "BertCorpus"
+
+
+class TokenizeAndPair:
+    """Tokenizer actor: one `tokenizers.Tokenizer` per actor (a shared one fails with
+    "Already borrowed"), WordPiece over whole batches of sentences, then NSP pairing or packing."""
+
+    def __init__(self, spec: StreamSpec, counters_actor: Any = None) -> None:
+        from tokenizers import Tokenizer
+
+        from bertray import tokenizer as wordpiece
+
+        self.spec = spec
+        self.tokenizer = Tokenizer.from_str(spec.tokenizer_json)
+        self.tokenizer.no_padding()      # sentences are packed into pairs later; a saved
+        self.tokenizer.no_truncation()   # tokenizer.json may carry padding/truncation settings
+        self.specials = wordpiece.special_tokens(self.tokenizer)
+        self.counters = counters_actor
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        docs = batch.column("sentences").to_pylist()
+        doc_ids = batch.column("doc_id").to_numpy()
+        pass_index = int(batch.column("pass_index")[0].as_py())
+        flat = [s for doc in docs for s in doc]
+        encodings = self.tokenizer.encode_batch(flat, add_special_tokens=False)
+        token_docs, at = [], 0
+        for doc in docs:
+            token_docs.append([np.asarray(e.ids, dtype=np.int32) for e in encodings[at:at + len(doc)]])
+            at += len(doc)
+        rng = derive_rng(self.spec.seed, self.spec.generation, pass_index, int(doc_ids[0] >> 32),
+                         int(doc_ids[0] & 0xFFFFFFFF), _STAGE_PAIR)
+        sp = self.specials
+        if self.spec.objective == "mlm_nsp":
+            out = make_nsp_instances(token_docs, rng, self.spec.nsp, cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad)
+        else:
+            out = make_packed_instances(token_docs, max_seq_len=self.spec.nsp.max_seq_len,
+                                        cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad)
+        # Instances come out document by document; shuffle them within the batch so that a
+        # training batch mixes many documents instead of a few neighbouring chunks of one.
+        order = rng.permutation(len(out["input_ids"]))
+        counts = out.pop("counters", {})
+        out = {key: value[order] for key, value in out.items()}
+        counts.pop("documents", None)  # already counted by the reader
+        counts["documents_without_tokens"] = counts.pop("empty_documents", 0)
+        if self.counters is not None:
+            self.counters.add.remote({**counts, "tokens": sum(len(e.ids) for e in encodings)})
+        return _with_global_ids(out, doc_ids, pass_index)
+
+
+def _with_global_ids(out: dict[str, np.ndarray], doc_ids: np.ndarray, pass_index: int) -> dict[str, np.ndarray]:
+    """Batch-local document indices -> corpus-wide ids (file index << 32 | document number)."""
+    out["doc_id"] = doc_ids[out.pop("doc_index")]
+    b_index = out.pop("b_doc_index")
+    out["b_doc_id"] = np.where(b_index >= 0, doc_ids[np.maximum(b_index, 0)], -1)
+    out["pass_index"] = np.full(len(out["doc_id"]), pass_index, dtype=np.int32)
+    return out
+
+
+def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, vocab_size: int,
+               special_ids: Sequence[int], is_subword: np.ndarray | None, counters_actor: Any) -> dict[str, np.ndarray]:
+    """Masking task: masks are drawn here, when the batch is produced, so every pass differs."""
+    lengths = batch["lengths"]
+    if spec.objective == "ltr":
+        targets = causal_lm_targets(batch["input_ids"], lengths)
+    else:
+        first = int(batch["doc_id"][0]) if len(batch["doc_id"]) else 0
+        rng = derive_rng(spec.seed, spec.generation, int(batch["pass_index"][0]) if len(lengths) else 0,
+                         first >> 32, first & 0xFFFFFFFF, _STAGE_MASK)
+        targets = mask_tokens(batch["input_ids"], lengths, rng, spec.masking, mask_id=mask_id,
+                              vocab_size=vocab_size, special_ids=special_ids, is_subword=is_subword)
+        counts = targets.pop("counters")
+        if counters_actor is not None:
+            counters_actor.add.remote(counts)
+    out = {key: value for key, value in batch.items() if key != "lengths"}
+    out.update(targets)
+    seq = batch["input_ids"].shape[1]
+    out["attention_mask"] = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int8)
+    return out
+
+
+def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_actor: Any = None,
+                  keep_provenance: bool = False) -> "ray.data.Dataset":
+    """The streaming dataset of masked pretraining instances (lazy: nothing runs until iterated)."""
+    from tokenizers import Tokenizer
+
+    from bertray import tokenizer as wordpiece
+
+    if spec.objective not in OBJECTIVES:
+        raise ValueError(f"objective {spec.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    tok = Tokenizer.from_str(spec.tokenizer_json)
+    sp = wordpiece.special_tokens(tok)
+    is_subword = wordpiece.subword_mask(tok) if spec.masking.whole_word else None
+
+    pool = (ray.data.ActorPoolStrategy(size=spec.tokenizer_actors) if spec.tokenizer_actors > 0
+            else ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
+    ds = ray.data.read_datasource(CorpusDatasource(files, spec, counters_actor), num_cpus=spec.read_cpus)
+    ds = ds.map_batches(TokenizeAndPair, fn_constructor_args=(spec, counters_actor), batch_size=spec.docs_per_batch,
+                        batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus)
+    ds = ds.map_batches(mask_batch, fn_args=(dataclasses.replace(spec, tokenizer_json=""), sp.mask, tok.get_vocab_size(), (sp.cls, sp.sep, sp.pad), is_subword,
+                                                 counters_actor),
+                        batch_format="numpy", batch_size=None, num_cpus=spec.mask_cpus)
+    columns = TRAINER_COLUMNS + (PROVENANCE_COLUMNS if keep_provenance else ())
+    return ds.select_columns(list(columns))
