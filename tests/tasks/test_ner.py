@@ -1,0 +1,110 @@
+import collections
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from bertray.errors import TaskDataError
+from bertray.tasks import metrics, ner
+from bertray.tasks.registry import TASKS
+
+# Never copy CoNLL-2003 into the repository: these tests read ../shared/data only.
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    return Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def dev(shared_data):
+    return TASKS["conll2003"].read(shared_data, "dev")
+
+
+@pytest.mark.parametrize("split,sentences,tokens,documents", [
+    ("train", 14041, 203621, 946), ("dev", 3250, 51362, 216), ("test", 3453, 46435, 231),
+])
+def test_real_files_have_the_official_counts(shared_data, split, sentences, tokens, documents):
+    examples, counts = TASKS["conll2003"].read(shared_data, split)
+    assert counts == {"sentences": sentences, "tokens": tokens, "documents": documents, "iob1_converted": 0}
+    assert len(examples) == sentences
+
+
+def test_real_files_are_iob2_with_the_official_entity_counts(shared_data):
+    examples, _ = TASKS["conll2003"].read(shared_data, "test")
+    assert examples[0].words[:2] == ("SOCCER", "-")
+    # IOB2: no chunk starts with I-, so converting changes nothing
+    assert all(ner.to_iob2(e.tags) == list(e.tags) for e in examples)
+    kinds = collections.Counter(kind for e in examples for kind, _, _ in metrics.get_entities(e.tags))
+    assert kinds == {"LOC": 1668, "ORG": 1661, "PER": 1617, "MISC": 702}     # eng.testb
+
+
+def test_iob1_file_is_converted_and_counted(tmp_path):
+    path = tmp_path / "eng.train"
+    path.write_text("-DOCSTART- -X- O O\n\n"
+                    "EU NNP I-NP I-ORG\nrejects VBZ I-VP O\nGerman JJ I-NP I-MISC\ncall NN I-NP O\n\n"
+                    "Peter NNP I-NP I-PER\nBlackburn NNP I-NP I-PER\nand CC O O\nJohn NNP I-NP I-PER\n"
+                    "Paul NNP I-NP B-PER\n")
+    examples, counts = ner.read_conll(path)
+    assert counts == {"sentences": 2, "tokens": 9, "documents": 1, "iob1_converted": 4}
+    assert examples[0].tags == ("B-ORG", "O", "B-MISC", "O")
+    assert examples[1].tags == ("B-PER", "I-PER", "O", "B-PER", "B-PER")
+
+
+@pytest.mark.parametrize("text,line,message", [
+    ("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n", 2, "expected 4 space-separated columns"),
+    ("EU NNP B-NP B-ORG\n\nrejects VBZ B-VP B-FOO\n", 3, "unknown NER tag 'B-FOO'"),
+    ("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG extra\n", 3, "found 5"),
+])
+def test_malformed_lines_raise_with_file_and_line(tmp_path, text, line, message):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(TaskDataError, match=message) as info:
+        ner.read_conll(path)
+    assert f"{path}:{line}:" in str(info.value)
+
+
+def _round_trip(examples, features):
+    """Per-word tags read back from the labels at first sub-tokens (as one-hot logits)."""
+    onehot = np.eye(len(ner.CONLL_LABELS))[np.where(features["labels"] < 0, 0, features["labels"])]
+    return ner.decode_ner(examples, features, onehot)
+
+
+def test_first_sub_token_labels_round_trip_to_the_gold_tags(dev, tokenizer):
+    examples, _ = dev
+    features = TASKS["conll2003"].featurize(examples, tokenizer)
+    assert features["input_ids"].shape[1] == 128 and features["labels"].dtype == np.int64
+    assert _round_trip(examples, features) == [list(e.tags) for e in examples]
+    # exactly one labelled position per word; [CLS], [SEP] and padding are ignored
+    assert (features["labels"] >= 0).sum() == sum(len(e.words) for e in examples)
+    assert (features["labels"][:, 0] == ner.IGNORE_INDEX).all()
+    assert ((features["attention_mask"] == 0) <= (features["labels"] == ner.IGNORE_INDEX)).all()
+    out = TASKS["conll2003"].evaluate(examples, features, {"logits": np.eye(9)[np.maximum(features["labels"], 0)]})
+    assert out["f1"] == 100.0 and out["support_PER"] == 1842
+
+
+def test_continuation_sub_tokens_are_ignored(tokenizer):
+    example = ner.NerExample("s", ("Blackburnshire", "visits", "EU"), ("B-LOC", "O", "B-ORG"))
+    features = ner.featurize_ner([example], tokenizer, 16)
+    tokens = [tokenizer.id_to_token(int(i)) for i in features["input_ids"][0]]
+    n_first = int(np.flatnonzero(features["word_index"][0] == 1)[0]) - 1     # sub-tokens of the first word
+    assert n_first > 1 and tokens[0] == "[CLS]" and all(t.startswith("##") for t in tokens[2:1 + n_first])
+    labels = features["labels"][0]
+    assert labels[1] == ner.CONLL_LABELS.index("B-LOC") and (labels[2:1 + n_first] == ner.IGNORE_INDEX).all()
+    assert labels[1 + n_first] == ner.CONLL_LABELS.index("O") and tokens[1 + n_first] == "visits"
+
+
+def test_long_sentences_are_split_into_windows_not_truncated(dev, tokenizer):
+    examples, _ = dev
+    long = [e for e in examples if len(e.words) > 30][:50]
+    features = ner.featurize_ner(long, tokenizer, 24)
+    assert len(features["example_index"]) > len(long)
+    assert (features["attention_mask"].sum(1) <= 24).all()
+    assert _round_trip(long, features) == [list(e.tags) for e in long]
+
+
+def test_a_word_longer_than_a_window_keeps_its_label(tokenizer):
+    example = ner.NerExample("s", ("x" * 5 + "-".join(["ab"] * 20), "Paris"), ("B-MISC", "B-LOC"))
+    features = ner.featurize_ner([example], tokenizer, 8)
+    assert len(features["example_index"]) == 2
+    assert _round_trip([example], features) == [["B-MISC", "B-LOC"]]
