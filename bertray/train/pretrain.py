@@ -1,0 +1,403 @@
+"""Pretraining on Ray Train: the per-worker loop and the `TorchTrainer` around it.
+
+The only module that knows Ray Train. The driver (`run_pretraining`) resolves the corpus, fixes the
+vocabulary, builds one streaming dataset per phase of the schedule and a fixed held-out batch set,
+then starts `TorchTrainer`. Workers (`train_loop_per_worker`) read one config dict, resume from
+`ray.train.get_checkpoint()` when there is one (after a crash or a re-run with the same output and
+name), and run the same number of steps on every rank so DDP never waits on a missing peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from bertray.config import BertConfig, PretrainConfig, from_mapping, to_mapping
+from bertray.data.pipeline import PipelineCounters, StreamSpec, TRAINER_COLUMNS, build_dataset
+from bertray.data.sources import CorpusFile, read_documents, resolve_corpus
+from bertray.errors import ConfigError
+from bertray.train.checkpoints import (LATEST, RunState, exists, join_url, load_run_state, load_training_state,
+                                       resolve_checkpoint, save_training_checkpoint, set_rng_state, write_text)
+from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
+from bertray.train.optim import make_optimizer, warmup_linear_decay
+
+log = logging.getLogger("bertray.train")
+
+EVAL_SEED = 12345
+FAULT_MARKER = ".fault_injected"
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {k: batch[k].to(device, non_blocking=True) for k in TRAINER_COLUMNS}
+    for key in ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
+                "next_sentence_labels"):
+        out[key] = out[key].long()
+    out["masked_lm_weights"] = out["masked_lm_weights"].float()
+    return out
+
+
+def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], device: torch.device,
+             precision: str) -> dict[str, float]:
+    """Held-out MLM/NSP loss and accuracy on fixed batches (same masks every time)."""
+    model.eval()
+    meter = IntervalMeter()
+    with torch.no_grad(), _autocast(device, precision):
+        for batch in batches:
+            out = model(**_model_inputs({k: torch.from_numpy(v) for k, v in batch.items()}, device))
+            meter.add(loss=out.loss.item(), mlm_loss=out.mlm_loss.item(), mlm_accuracy=_item(out.mlm_accuracy),
+                      nsp_loss=_item(out.nsp_loss), nsp_accuracy=_item(out.nsp_accuracy))
+    model.train()
+    summary = meter.summary()
+    return {f"eval_{k}": v for k, v in summary.items() if k in meter_keys()}
+
+
+def meter_keys() -> tuple[str, ...]:
+    return ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")
+
+
+def _item(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker. Reads only `loop_config`; every rank runs the same number of steps."""
+    from tokenizers import Tokenizer
+
+    from bertray.model.heads import BertForPreTraining
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per report is enough
+    cfg = from_mapping(PretrainConfig, loop_config["config"])
+    tcfg = cfg.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    run_url = loop_config["run_url"]
+    tokenizer = Tokenizer.from_str(loop_config["tokenizer_json"])
+
+    state = RunState(config=loop_config["config"], generation=loop_config["generation"])
+    checkpoint = ray.train.get_checkpoint()
+    resumed = None
+    torch.manual_seed(tcfg.seed)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            model = BertForPreTraining.from_pretrained(directory)
+            saved = load_run_state(directory)
+            resumed = load_training_state(directory)
+        state.step, state.sequences_seen = saved.step, saved.sequences_seen
+        log.info("[rank %d] resuming at step %d from %s", rank, state.step, checkpoint.path)
+    elif loop_config["init_from"]:
+        model = BertForPreTraining.from_pretrained(loop_config["init_from"])
+    else:
+        model = BertForPreTraining(BertConfig.from_dict(loop_config["bert_config"]))
+    model.to(device)
+    optimizer = make_optimizer(model, tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                               betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps)
+    scheduler = warmup_linear_decay(optimizer, warmup_steps=tcfg.warmup, total_steps=tcfg.max_steps)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        set_rng_state(resumed["rng"])
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
+    train_model = torch.compile(ddp_model) if tcfg.compile else ddp_model
+
+    sinks = MetricSinks(cfg.run.name, rank, loop_config["tensorboard_dir"])
+    eval_batches = loop_config["eval_batches"]
+    meter = IntervalMeter()
+    last: dict[str, Any] = {}
+    phase_steps = tcfg.phase_steps()
+    boundaries = np.cumsum(phase_steps).tolist()
+    for phase_index, phase in enumerate(tcfg.phases):
+        phase_end = boundaries[phase_index]
+        if state.step >= phase_end:
+            continue
+        per_worker = phase.batch_size // world
+        micro = tcfg.micro_batch_size or per_worker
+        accumulation = per_worker // micro
+        batches = _batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro)
+        if rank == 0:
+            log.info("phase %d: steps %d-%d, sequence %d, P %d, global batch %d (%d workers x %d x %d accumulation)",
+                     phase_index, state.step + 1, phase_end, phase.max_seq_len, phase.max_predictions_per_seq,
+                     phase.batch_size, world, micro, accumulation)
+        meter.reset()
+        while state.step < phase_end:
+            exhausted = False
+            for micro_index in range(accumulation):
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                waited = time.perf_counter() - waited
+                if batch is None:
+                    exhausted = True
+                    break
+                inputs = _model_inputs(batch, device)
+                sync = micro_index == accumulation - 1 or world == 1
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), _autocast(device, tcfg.precision):
+                    out = train_model(**inputs)
+                    (out.loss / accumulation).backward()
+                meter.add_batch(micro, int(inputs["attention_mask"].sum()), waited)
+                meter.add(loss=out.loss.item(), mlm_loss=out.mlm_loss.item(), mlm_accuracy=_item(out.mlm_accuracy),
+                          nsp_loss=_item(out.nsp_loss), nsp_accuracy=_item(out.nsp_accuracy))
+            if exhausted:
+                log.warning("[rank %d] the corpus stream ended at step %d (train.corpus_passes=%d); "
+                            "phase %d stops early", rank, state.step, tcfg.corpus_passes, phase_index)
+                optimizer.zero_grad(set_to_none=True)
+                break
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
+                         if tcfg.clip_grad_norm > 0 else None)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.sequences_seen += phase.batch_size
+            meter.add(grad_norm=_item(grad_norm), learning_rate=scheduler.get_last_lr()[0])
+            _maybe_inject_fault(tcfg.fail_at_step, state.step, rank, run_url)
+
+            final = state.step == tcfg.max_steps or state.step == phase_end
+            metrics: dict[str, Any] = {}
+            if state.step % tcfg.log_every == 0 or final:
+                metrics = {**meter.summary(world), "step": state.step, "phase": phase_index}
+            if eval_batches and rank == 0 and (final or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
+                metrics.update(evaluate(model, eval_batches, device, tcfg.precision))
+            if metrics:
+                if rank == 0:
+                    log.info(format_line(state.step, tcfg.max_steps, metrics))
+                    if any(k.startswith("eval_") for k in metrics):
+                        log.info(format_line(state.step, tcfg.max_steps,
+                                             {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")},
+                                             prefix="eval"))
+                sinks.emit(state.step, metrics)
+                last.update(metrics)
+            save = final or state.step % tcfg.checkpoint_every == 0 or state.step in tcfg.save_at_steps
+            if save:
+                _report_checkpoint(model, tokenizer, optimizer, scheduler, state, {**last, "step": state.step},
+                                   rank, run_url, keep=state.step in tcfg.save_at_steps)
+            elif metrics:
+                ray.train.report({**last, "step": state.step})
+        if exhausted:
+            break
+    sinks.close()
+    return {**last, "step": state.step, "sequences_seen": state.sequences_seen}
+
+
+def _maybe_inject_fault(fail_at_step: int | None, step: int, rank: int, run_url: str) -> None:
+    """Crash rank 0 once at `fail_at_step` (a marker file in the run directory makes it once)."""
+    if fail_at_step is None or step != fail_at_step or rank != 0:
+        return
+    marker = join_url(run_url, FAULT_MARKER)
+    if exists(marker):
+        return
+    write_text(marker, f"crashed at step {step}\n")
+    log.error("[rank 0] fault injection: crashing at step %d", step)
+    os._exit(1)
+
+
+def _report_checkpoint(model, tokenizer, optimizer, scheduler, state: RunState, metrics: dict[str, Any],
+                       rank: int, run_url: str, keep: bool) -> None:
+    """Every rank reports (report is a barrier); rank 0 attaches the checkpoint and moves `latest`."""
+    name = f"checkpoint_{state.step:08d}"
+    state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="bertray-ckpt-") as directory:
+        save_training_checkpoint(directory, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                 scheduler=scheduler, run_state=state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=name)
+        if keep:
+            fs, path = fsspec.core.url_to_fs(join_url(run_url, "kept", name))
+            fs.put(directory.rstrip("/") + "/", path, recursive=True)
+    write_text(join_url(run_url, LATEST), name + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side
+
+
+def storage_for(output: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for `ray.train.RunConfig` from a local path or fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(output)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return os.path.abspath(path), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+@dataclass
+class PretrainResult:
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    counters: dict[str, int]
+    elapsed_s: float
+
+
+def prepare_tokenizer(cfg: PretrainConfig, files: list[CorpusFile], run_url: str):
+    """The run's vocabulary: the configured one, the one cached in the run directory, or one
+    trained on (a bounded prefix of) the corpus and cached there so a resumed run keeps it."""
+    from bertray import tokenizer as wordpiece
+
+    if cfg.data.tokenizer:
+        return wordpiece.load(cfg.data.tokenizer)
+    cached = join_url(run_url, "tokenizer")
+    if exists(join_url(cached, "tokenizer.json")):
+        log.info("vocabulary: cached %s", cached)
+        return wordpiece.load(cached)
+    log.info("vocabulary: training a %d-token WordPiece vocabulary on the corpus", cfg.data.vocab_size)
+    from bertray.data.documents import CorpusCounters
+
+    layout, counters = cfg.data.corpus_layout(), CorpusCounters()
+
+    def sentences(limit: int = 2_000_000) -> Iterator[str]:
+        count = 0
+        for file in files:
+            for doc in read_documents(file, layout, counters, fmt=cfg.data.format,
+                                      storage_options=cfg.data.storage_options):
+                for sentence in doc:
+                    yield sentence
+                    count += 1
+                    if count >= limit:
+                        return
+
+    tok = wordpiece.train(sentences(), vocab_size=cfg.data.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        wordpiece.save(tok, tmp)
+        fs, path = fsspec.core.url_to_fs(cached)
+        fs.makedirs(path, exist_ok=True)
+        fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+    return tok
+
+
+def _stream_spec(cfg: PretrainConfig, tokenizer_json: str, phase_index: int, *, seed: int, generation: int,
+                 passes: int) -> StreamSpec:
+    from bertray.data.nsp import NSPConfig
+
+    phase = cfg.train.phases[phase_index]
+    d = cfg.data
+    return StreamSpec(
+        layout=d.corpus_layout(), nsp=NSPConfig(max_seq_len=phase.max_seq_len, short_seq_prob=d.short_seq_prob),
+        masking=d.masking(phase.max_predictions_per_seq if d.objective != "ltr" else phase.max_seq_len),
+        tokenizer_json=tokenizer_json, objective=d.objective, corpus_format=d.format, seed=seed,
+        generation=generation, passes=passes, docs_per_batch=d.docs_per_batch,
+        files_per_read_task=d.files_per_read_task, read_cpus=d.read_cpus, tokenizer_cpus=d.tokenizer_cpus,
+        tokenizer_actors=d.tokenizer_actors, mask_cpus=d.mask_cpus, storage_options=d.storage_options)
+
+
+def _next_generation(run_url: str) -> int:
+    """How many times this run's data stream was started before: 0 for a fresh run."""
+    url = join_url(run_url, "data_generation")
+    generation = 0
+    if exists(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        generation = int(fs.cat_file(path).decode().strip() or 0) + 1
+    write_text(url, f"{generation}\n")
+    return generation
+
+
+def eval_batches(cfg: PretrainConfig, tokenizer_json: str) -> list[dict[str, np.ndarray]]:
+    """Fixed held-out batches: pairs and masks from a fixed seed, drawn once on the driver."""
+    if not cfg.data.eval_corpus:
+        return []
+    files = resolve_corpus(cfg.data.eval_corpus, storage_options=cfg.data.storage_options)
+    spec = _stream_spec(cfg, tokenizer_json, 0, seed=EVAL_SEED, generation=0, passes=1)
+    phase = cfg.train.phases[0]
+    size = min(phase.batch_size, 64)
+    rows = build_dataset(files, spec).take_batch(size * cfg.train.eval_batches, batch_format="numpy")
+    n = len(rows["input_ids"]) // size
+    if n == 0:
+        raise ConfigError(f"data.eval_corpus: {cfg.data.eval_corpus} gives fewer than {size} held-out sequences")
+    return [{k: np.ascontiguousarray(v[i * size:(i + 1) * size]) for k, v in rows.items()} for i in range(n)]
+
+
+def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False) -> PretrainResult:
+    """Run (or resume) pretraining as configured; returns the final metrics and checkpoint URL."""
+    from ray.train.torch import TorchTrainer
+
+    # Progress bars of several streaming operators interleave badly with the metric lines in job
+    # logs; Train copies the driver's DataContext to the workers when the trainer is built.
+    ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+
+    started = time.perf_counter()
+    run_url = join_url(cfg.run.output, cfg.run.name)
+    files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
+    log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
+    tokenizer = prepare_tokenizer(cfg, files, run_url)
+    bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
+    generation = _next_generation(run_url)
+
+    tokenizer_json = tokenizer.to_str()
+    evaluation = eval_batches(cfg, tokenizer_json)
+    counters = PipelineCounters.remote()
+    datasets = {
+        f"train_{i}": build_dataset(files, _stream_spec(cfg, tokenizer_json, i, seed=cfg.train.seed, generation=generation,
+                                                        passes=cfg.train.corpus_passes), counters_actor=counters)
+        for i in range(len(cfg.train.phases))}
+
+    storage_path, storage_fs = storage_for(cfg.run.output)
+    tensorboard_dir = _tensorboard_dir(cfg, run_url) if cfg.run.tensorboard else None
+    loop_config = {
+        "config": to_mapping(cfg), "bert_config": bert_config.to_dict(), "tokenizer_json": tokenizer_json,
+        "run_url": run_url, "generation": generation, "eval_batches": evaluation,
+        "init_from": resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
+        "tensorboard_dir": tensorboard_dir,
+    }
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})})
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints))
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config, datasets=datasets,
+                           dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)))
+    result = trainer.fit()
+    checkpoint_url = None
+    if result.checkpoint is not None:
+        name = os.path.basename(result.checkpoint.path.rstrip("/"))
+        write_text(join_url(run_url, LATEST), name + "\n")
+        checkpoint_url = join_url(run_url, name)
+    metrics = dict(result.return_value or result.metrics or {})
+    return PretrainResult(metrics=metrics, checkpoint=checkpoint_url, counters=ray.get(counters.get.remote()),
+                          elapsed_s=time.perf_counter() - started)
+
+
+def _tensorboard_dir(cfg: PretrainConfig, run_url: str) -> str:
+    """Event files go to the run directory when it is local; remote runs log to a local folder
+    named after the run (TensorBoard's writer cannot append to object storage)."""
+    fs, path = fsspec.core.url_to_fs(run_url)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return os.path.join(os.path.abspath(path), "tensorboard")
+    return os.path.join(tempfile.gettempdir(), "bertray-tensorboard", cfg.run.name)
+

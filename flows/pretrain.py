@@ -1,0 +1,117 @@
+"""Pretrain BERT: stream a raw-text corpus through Ray Data into Ray Train workers.
+
+    python flows/pretrain.py                                  # embedded Ray, tiny model, sample corpus
+    python flows/pretrain.py --config flows/configs/bert-base.yaml --corpus s3://bucket/wiki/ \\
+        --output s3://bucket/runs --name bert-base
+
+Every configuration field is also a flag (`--train.max_steps 100`, `--data.layout wikitext`, ...):
+see `--help`. Running the same command again with the same --output and --name resumes the run.
+Inside `ray job submit` the script joins the job's cluster; otherwise it starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_parser():
+    from bertray.config import PretrainConfig, help_of, iter_options
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Values are read as YAML: 100, 1e-4, true, null, [a, b], {key: value}.")
+    parser.add_argument("--config", default=str(REPO / "flows" / "configs" / "embedded.yaml"),
+                        help="YAML file with any of the sections below (default: flows/configs/embedded.yaml, "
+                             "the embedded CPU default; see flows/configs/ for bert-base and bert-large)")
+    parser.add_argument("--corpus", nargs="+", help="shorthand for --data.corpus")
+    parser.add_argument("--output", help="shorthand for --run.output (local path or s3://, gs:// URL)")
+    parser.add_argument("--name", help="shorthand for --run.name")
+    parser.add_argument("--address", help="Ray cluster address (default: the job's cluster, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
+    parser.add_argument("--json", help="write the final summary as JSON to this file")
+    parser.add_argument("--progress-bars", action="store_true", help="show Ray Data's per-operator progress bars")
+    for dotted, field, tp in iter_options(PretrainConfig):
+        default = field.default if field.default is not field.default_factory else None
+        parser.add_argument(f"--{dotted}", metavar="VALUE", dest=f"opt:{dotted}",
+                            help=f"{help_of(field)} [{getattr(tp, '__name__', str(tp)).replace('typing.', '')}]")
+    return parser
+
+
+def sample_path(value):
+    """Defaults name files in this repository; find them when the flow runs from elsewhere."""
+    if isinstance(value, str) and not os.path.isabs(value) and "://" not in value and not os.path.exists(value):
+        candidate = REPO / value
+        if candidate.exists():
+            return str(candidate)
+    return value
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from bertray.config import PretrainConfig, load_config, parse_value
+    from bertray.errors import BertrayError
+
+    overrides = {k[4:]: parse_value(v) for k, v in vars(args).items() if k.startswith("opt:") and v is not None}
+    if args.corpus:
+        overrides["data.corpus"] = args.corpus
+    if args.output:
+        overrides["run.output"] = args.output
+    if args.name:
+        overrides["run.name"] = args.name
+    try:
+        cfg = load_config(PretrainConfig, args.config, overrides)
+    except BertrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import dataclasses
+
+    data = dataclasses.replace(cfg.data, corpus=tuple(map(sample_path, cfg.data.corpus)),
+                               eval_corpus=tuple(map(sample_path, cfg.data.eval_corpus)))
+    cfg = dataclasses.replace(cfg, data=data)
+
+    import ray
+
+    from bertray.train.pretrain import run_pretraining
+
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
+                 log_to_driver=True, configure_logging=False)
+    print(f"bertray pretraining: run {cfg.run.name!r} -> {cfg.run.output}, model {cfg.model.preset}, "
+          f"objective {cfg.data.objective}, {cfg.train.max_steps} steps, {cfg.scaling.num_workers} worker(s)",
+          flush=True)
+    try:
+        result = run_pretraining(cfg, progress_bars=args.progress_bars)
+    except BertrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    summary = {
+        "steps": m.get("step"), "loss": m.get("loss"), "mlm_accuracy": m.get("mlm_accuracy"),
+        "nsp_accuracy": m.get("nsp_accuracy"), "eval_mlm_accuracy": m.get("eval_mlm_accuracy"),
+        "eval_nsp_accuracy": m.get("eval_nsp_accuracy"), "sequences_per_s": m.get("sequences_per_s"),
+        "checkpoint": result.checkpoint, "wall_s": round(time.perf_counter() - started, 1),
+        "pipeline": result.counters,
+    }
+    print("\n== pretraining finished ==")
+    for key, value in summary.items():
+        if key != "pipeline":
+            print(f"  {key:<18} {value:.4f}" if isinstance(value, float) else f"  {key:<18} {value}")
+    skipped = {k: v for k, v in result.counters.items() if v and k not in ("files", "lines", "bytes")}
+    print("  pipeline          ", ", ".join(f"{k}={v:,}" for k, v in sorted(skipped.items())))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
