@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,9 @@ from bertray.data.masking import MaskingConfig, causal_lm_targets, mask_tokens
 from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instances
 from bertray.data.seeding import derive_rng
 from bertray.data.sources import CorpusFile, read_documents
+
+if TYPE_CHECKING:
+    from bertray.config import DataSection, PhaseConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,18 @@ class StreamSpec:
     tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
     mask_cpus: float = 0.25
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, *, seed: int, generation: int,
+                passes: int) -> StreamSpec:
+    """The stream of one phase of the schedule (its sequence length and P) from the run's config."""
+    return StreamSpec(
+        layout=data.corpus_layout(), nsp=NSPConfig(max_seq_len=phase.max_seq_len, short_seq_prob=data.short_seq_prob),
+        masking=data.masking(phase.max_predictions_per_seq if data.objective != "ltr" else phase.max_seq_len),
+        tokenizer_json=tokenizer_json, objective=data.objective, corpus_format=data.format, seed=seed,
+        generation=generation, passes=passes, docs_per_batch=data.docs_per_batch,
+        files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
+        tokenizer_actors=data.tokenizer_actors, mask_cpus=data.mask_cpus, storage_options=data.storage_options)
 
 
 @ray.remote(num_cpus=0)

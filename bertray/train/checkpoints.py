@@ -94,25 +94,6 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
-# Storage helpers (fsspec: the same URLs the corpus uses)
-
-
-def join_url(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def write_text(url: str, text: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(text)
-
-
-def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
 def resolve_checkpoint(url: str) -> str:
     """A checkpoint directory URL; a run directory or a `latest` file is followed to its newest checkpoint."""
     fs, path = fsspec.core.url_to_fs(url)

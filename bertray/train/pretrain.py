@@ -25,11 +25,13 @@ import ray.train
 import torch
 
 from bertray.config import BertConfig, PretrainConfig, from_mapping, to_mapping
-from bertray.data.pipeline import PipelineCounters, StreamSpec, TRAINER_COLUMNS, build_dataset
-from bertray.data.sources import CorpusFile, read_documents, resolve_corpus
+from bertray.data.pipeline import TRAINER_COLUMNS, PipelineCounters, build_dataset, stream_spec
+from bertray.data.sources import resolve_corpus
+from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError
-from bertray.train.checkpoints import (LATEST, RunState, exists, join_url, load_run_state, load_training_state,
-                                       resolve_checkpoint, save_training_checkpoint, set_rng_state, write_text)
+from bertray.storage import exists, join_url, write_text
+from bertray.train.checkpoints import (LATEST, RunState, load_run_state, load_training_state, resolve_checkpoint,
+                                       save_training_checkpoint, set_rng_state)
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 
@@ -263,57 +265,6 @@ class PretrainResult:
     elapsed_s: float
 
 
-def prepare_tokenizer(cfg: PretrainConfig, files: list[CorpusFile], run_url: str):
-    """The run's vocabulary: the configured one, the one cached in the run directory, or one
-    trained on (a bounded prefix of) the corpus and cached there so a resumed run keeps it."""
-    from bertray import tokenizer as wordpiece
-
-    if cfg.data.tokenizer:
-        return wordpiece.load(cfg.data.tokenizer)
-    cached = join_url(run_url, "tokenizer")
-    if exists(join_url(cached, "tokenizer.json")):
-        log.info("vocabulary: cached %s", cached)
-        return wordpiece.load(cached)
-    log.info("vocabulary: training a %d-token WordPiece vocabulary on the corpus", cfg.data.vocab_size)
-    from bertray.data.documents import CorpusCounters
-
-    layout, counters = cfg.data.corpus_layout(), CorpusCounters()
-
-    def sentences(limit: int = 2_000_000) -> Iterator[str]:
-        count = 0
-        for file in files:
-            for doc in read_documents(file, layout, counters, fmt=cfg.data.format,
-                                      storage_options=cfg.data.storage_options):
-                for sentence in doc:
-                    yield sentence
-                    count += 1
-                    if count >= limit:
-                        return
-
-    tok = wordpiece.train(sentences(), vocab_size=cfg.data.vocab_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        wordpiece.save(tok, tmp)
-        fs, path = fsspec.core.url_to_fs(cached)
-        fs.makedirs(path, exist_ok=True)
-        fs.put(tmp.rstrip("/") + "/", path, recursive=True)
-    return tok
-
-
-def _stream_spec(cfg: PretrainConfig, tokenizer_json: str, phase_index: int, *, seed: int, generation: int,
-                 passes: int) -> StreamSpec:
-    from bertray.data.nsp import NSPConfig
-
-    phase = cfg.train.phases[phase_index]
-    d = cfg.data
-    return StreamSpec(
-        layout=d.corpus_layout(), nsp=NSPConfig(max_seq_len=phase.max_seq_len, short_seq_prob=d.short_seq_prob),
-        masking=d.masking(phase.max_predictions_per_seq if d.objective != "ltr" else phase.max_seq_len),
-        tokenizer_json=tokenizer_json, objective=d.objective, corpus_format=d.format, seed=seed,
-        generation=generation, passes=passes, docs_per_batch=d.docs_per_batch,
-        files_per_read_task=d.files_per_read_task, read_cpus=d.read_cpus, tokenizer_cpus=d.tokenizer_cpus,
-        tokenizer_actors=d.tokenizer_actors, mask_cpus=d.mask_cpus, storage_options=d.storage_options)
-
-
 def _next_generation(run_url: str) -> int:
     """How many times this run's data stream was started before: 0 for a fresh run."""
     url = join_url(run_url, "data_generation")
@@ -330,7 +281,7 @@ def eval_batches(cfg: PretrainConfig, tokenizer_json: str) -> list[dict[str, np.
     if not cfg.data.eval_corpus:
         return []
     files = resolve_corpus(cfg.data.eval_corpus, storage_options=cfg.data.storage_options)
-    spec = _stream_spec(cfg, tokenizer_json, 0, seed=EVAL_SEED, generation=0, passes=1)
+    spec = stream_spec(cfg.data, cfg.train.phases[0], tokenizer_json, seed=EVAL_SEED, generation=0, passes=1)
     phase = cfg.train.phases[0]
     size = min(phase.batch_size, 64)
     rows = build_dataset(files, spec).take_batch(size * cfg.train.eval_batches, batch_format="numpy")
@@ -352,7 +303,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False) -> Pret
     run_url = join_url(cfg.run.output, cfg.run.name)
     files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
     log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
-    tokenizer = prepare_tokenizer(cfg, files, run_url)
+    tokenizer = run_tokenizer(cfg.data, files, run_url)
     bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
     generation = _next_generation(run_url)
 
@@ -360,9 +311,10 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False) -> Pret
     evaluation = eval_batches(cfg, tokenizer_json)
     counters = PipelineCounters.remote()
     datasets = {
-        f"train_{i}": build_dataset(files, _stream_spec(cfg, tokenizer_json, i, seed=cfg.train.seed, generation=generation,
-                                                        passes=cfg.train.corpus_passes), counters_actor=counters)
-        for i in range(len(cfg.train.phases))}
+        f"train_{i}": build_dataset(files, stream_spec(cfg.data, phase, tokenizer_json, seed=cfg.train.seed,
+                                                       generation=generation, passes=cfg.train.corpus_passes),
+                                   counters_actor=counters)
+        for i, phase in enumerate(cfg.train.phases)}
 
     storage_path, storage_fs = storage_for(cfg.run.output)
     tensorboard_dir = _tensorboard_dir(cfg, run_url) if cfg.run.tensorboard else None
