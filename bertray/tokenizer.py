@@ -36,7 +36,7 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -325,3 +325,23 @@ def load(path: str | os.PathLike) -> Tokenizer:
 
 __all__ = ["SPECIAL_TOKENS", "SpecialTokens", "from_vocab", "load", "save", "special_tokens",
            "subword_mask", "train"]
+
+
+def encode_documents(tokenizer: Tokenizer, documents: Sequence[Sequence[str]], *,
+                     chunk_sentences: int = 4096) -> list[list[np.ndarray]]:
+    """Documents of sentences -> documents of int32 token-id arrays (no special tokens).
+
+    `encode_batch` runs over chunks of sentences across documents (few, large calls keep the Rust
+    side busy), and each chunk's `Encoding` objects, which cost ~200 bytes per token, are turned
+    into 4-byte ids before the next chunk is encoded, so memory follows the ids, not the objects.
+    """
+    flat = [s for doc in documents for s in doc]
+    ids: list[np.ndarray] = []
+    for start in range(0, len(flat), chunk_sentences):
+        encodings = tokenizer.encode_batch(flat[start:start + chunk_sentences], add_special_tokens=False)
+        ids.extend(np.asarray(e.ids, dtype=np.int32) for e in encodings)
+    out, at = [], 0
+    for doc in documents:
+        out.append(ids[at:at + len(doc)])
+        at += len(doc)
+    return out

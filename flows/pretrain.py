@@ -12,6 +12,7 @@ Inside `ray job submit` the script joins the job's cluster; otherwise it starts 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,12 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_parser():
-    from bertray.config import PretrainConfig, help_of, iter_options
+def build_parser() -> argparse.ArgumentParser:
+    from bertray.cli import add_config_options
+    from bertray.config import PretrainConfig
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Values are read as YAML: 100, 1e-4, true, null, [a, b], {key: value}.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "flows" / "configs" / "embedded.yaml"),
                         help="YAML file with any of the sections below (default: flows/configs/embedded.yaml, "
                              "the embedded CPU default; see flows/configs/ for bert-base and bert-large)")
@@ -38,45 +38,24 @@ def build_parser():
     parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
     parser.add_argument("--json", help="write the final summary as JSON to this file")
     parser.add_argument("--progress-bars", action="store_true", help="show Ray Data's per-operator progress bars")
-    for dotted, field, tp in iter_options(PretrainConfig):
-        default = field.default if field.default is not field.default_factory else None
-        parser.add_argument(f"--{dotted}", metavar="VALUE", dest=f"opt:{dotted}",
-                            help=f"{help_of(field)} [{getattr(tp, '__name__', str(tp)).replace('typing.', '')}]")
+    add_config_options(parser, PretrainConfig)
     return parser
-
-
-def sample_path(value):
-    """Defaults name files in this repository; find them when the flow runs from elsewhere."""
-    if isinstance(value, str) and not os.path.isabs(value) and "://" not in value and not os.path.exists(value):
-        candidate = REPO / value
-        if candidate.exists():
-            return str(candidate)
-    return value
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.config import PretrainConfig, load_config, parse_value
+    from bertray.cli import config_from_args, with_repo_paths
+    from bertray.config import PretrainConfig
     from bertray.errors import BertrayError
 
-    overrides = {k[4:]: parse_value(v) for k, v in vars(args).items() if k.startswith("opt:") and v is not None}
-    if args.corpus:
-        overrides["data.corpus"] = args.corpus
-    if args.output:
-        overrides["run.output"] = args.output
-    if args.name:
-        overrides["run.name"] = args.name
     try:
-        cfg = load_config(PretrainConfig, args.config, overrides)
+        cfg = config_from_args(PretrainConfig, args, {"data.corpus": args.corpus, "run.output": args.output,
+                                                      "run.name": args.name})
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import dataclasses
-
-    data = dataclasses.replace(cfg.data, corpus=tuple(map(sample_path, cfg.data.corpus)),
-                               eval_corpus=tuple(map(sample_path, cfg.data.eval_corpus)))
-    cfg = dataclasses.replace(cfg, data=data)
+    cfg = dataclasses.replace(cfg, data=with_repo_paths(cfg.data))
 
     import ray
 

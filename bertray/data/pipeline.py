@@ -171,6 +171,7 @@ class TokenizeAndPair:
 
         from bertray import tokenizer as wordpiece
 
+        self.encode = wordpiece.encode_documents
         self.spec = spec
         self.tokenizer = Tokenizer.from_str(spec.tokenizer_json)
         self.tokenizer.no_padding()      # sentences are packed into pairs later; a saved
@@ -182,12 +183,7 @@ class TokenizeAndPair:
         docs = batch.column("sentences").to_pylist()
         doc_ids = batch.column("doc_id").to_numpy()
         pass_index = int(batch.column("pass_index")[0].as_py())
-        flat = [s for doc in docs for s in doc]
-        encodings = self.tokenizer.encode_batch(flat, add_special_tokens=False)
-        token_docs, at = [], 0
-        for doc in docs:
-            token_docs.append([np.asarray(e.ids, dtype=np.int32) for e in encodings[at:at + len(doc)]])
-            at += len(doc)
+        token_docs = self.encode(self.tokenizer, docs)
         rng = derive_rng(self.spec.seed, self.spec.generation, pass_index, int(doc_ids[0] >> 32),
                          int(doc_ids[0] & 0xFFFFFFFF), _STAGE_PAIR)
         sp = self.specials
@@ -204,7 +200,7 @@ class TokenizeAndPair:
         counts.pop("documents", None)  # already counted by the reader
         counts["documents_without_tokens"] = counts.pop("empty_documents", 0)
         if self.counters is not None:
-            self.counters.add.remote({**counts, "tokens": sum(len(e.ids) for e in encodings)})
+            self.counters.add.remote({**counts, "tokens": sum(len(s) for d in token_docs for s in d)})
         return _with_global_ids(out, doc_ids, pass_index)
 
 

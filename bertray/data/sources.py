@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import fsspec
 
-from bertray.data.documents import CorpusCounters, CorpusLayout, documents_from_text, iter_documents, iter_lines
+from bertray.data.documents import (CorpusCounters, CorpusLayout, documents_from_text, iter_documents, iter_lines,
+                                    layout_warning)
 from bertray.errors import CorpusError
 
 log = logging.getLogger(__name__)
@@ -236,3 +237,19 @@ def read_documents(file: CorpusFile, layout: CorpusLayout, counters: CorpusCount
         counters["unreadable_files"] += 1
         log.error("%s: reading failed (%s: %s); the rest of this file is skipped",
                   file.url, type(exc).__name__, exc)
+
+
+def preflight_layout(files: Sequence[CorpusFile], layout: CorpusLayout, *, fmt: str = "auto",
+                     storage_options: Mapping[str, Any] | None = None, max_documents: int = 500) -> str | None:
+    """Read the first few hundred documents and return `layout_warning`'s message, if any.
+
+    A mis-configured layout (blank lines between sentences, no document boundaries) trains
+    normally and silently ruins NSP; saying so before a long run starts costs a second.
+    """
+    counters, seen = CorpusCounters(), 0
+    for file in files:
+        for _ in read_documents(file, layout, counters, fmt=fmt, storage_options=storage_options):
+            seen += 1
+            if seen >= max_documents:
+                return layout_warning(counters)
+    return layout_warning(counters)

@@ -26,7 +26,7 @@ import torch
 
 from bertray.config import BertConfig, PretrainConfig, from_mapping, to_mapping
 from bertray.data.pipeline import TRAINER_COLUMNS, PipelineCounters, build_dataset, stream_spec
-from bertray.data.sources import resolve_corpus
+from bertray.data.sources import preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError
 from bertray.storage import exists, join_url, write_text
@@ -303,6 +303,10 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False) -> Pret
     run_url = join_url(cfg.run.output, cfg.run.name)
     files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
     log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
+    warning = preflight_layout(files, cfg.data.corpus_layout(), fmt=cfg.data.format,
+                               storage_options=cfg.data.storage_options)
+    if warning:
+        log.warning(warning)
     tokenizer = run_tokenizer(cfg.data, files, run_url)
     bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
     generation = _next_generation(run_url)
