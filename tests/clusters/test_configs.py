@@ -1,0 +1,373 @@
+"""The cluster files, checked offline (no cloud, no cluster, a few seconds):
+
+- every Ray cluster-launcher YAML in the repository passes the validator `ray up` runs
+  (`prepare_config` merges the provider's defaults, `validate_config` applies Ray's JSON schema),
+  and that validator really rejects an unknown key or a wrong type;
+- the AWS node configs are valid EC2 RunInstances parameters (botocore's own service model);
+- the launcher configs keep the security rules: token auth on every node, dashboard on the head's
+  loopback only, no inbound rule but SSH, no credentials anywhere;
+- every KubeRay manifest parses and has what KubeRay requires, with no misspelled field;
+- the Grafana dashboard queries only metrics bertray exports;
+- job uploads leave out runs, data, virtualenvs and secrets but keep the code and samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import re
+import zipfile
+
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CLUSTERS = REPO / "clusters"
+
+
+def _yaml_files() -> list[pathlib.Path]:
+    return sorted([*REPO.glob("*.yaml"), *REPO.glob("*.yml"), *CLUSTERS.rglob("*.yaml"), *CLUSTERS.rglob("*.yml")])
+
+
+def _docs(path: pathlib.Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+LAUNCHER_FILES = [p for p in _yaml_files()
+                  if any(isinstance(d, dict) and "provider" in d and "cluster_name" in d for d in _docs(p))]
+KUBERAY_FILES = [p for p in _yaml_files()
+                 if any(isinstance(d, dict) and str(d.get("apiVersion", "")).startswith("ray.io/") for d in _docs(p))]
+
+
+def _id(path: pathlib.Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def load(path: pathlib.Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def prepare_and_validate(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_the_expected_cluster_files_exist():
+    assert {_id(p) for p in LAUNCHER_FILES} >= {"ray_cluster.yaml", "clusters/gcp.yaml", "clusters/onprem.yaml"}
+    assert {_id(p) for p in KUBERAY_FILES} >= {"clusters/kuberay/raycluster.yaml", "clusters/kuberay/rayjob.yaml"}
+    assert (CLUSTERS / "README.md").is_file() and (CLUSTERS / "grafana" / "bertray-pretraining.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Ray cluster launcher
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=_id)
+def test_launcher_config_passes_rays_validator(path):
+    prepared = prepare_and_validate(load(path))
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+BAD_CONFIGS = [
+    (lambda c: c.update(max_worker=4), "unknown top-level key"),
+    (lambda c: c["available_node_types"]["gpu_trainer"].update(min_worker=1), "unknown node-type key"),
+    (lambda c: c["docker"].update(imgae="rayproject/ray:latest"), "unknown docker key"),
+    (lambda c: c.update(max_workers="six"), "max_workers as a string"),
+    (lambda c: c["available_node_types"]["head"]["resources"].update(CPU="0"), "a resource as a string"),
+    (lambda c: c.update(idle_timeout_minutes="ten"), "a number as a string"),
+]
+
+
+@pytest.mark.parametrize("mutate, error", BAD_CONFIGS, ids=[e for _, e in BAD_CONFIGS])
+def test_validator_rejects_bad_aws_config(mutate, error):
+    import jsonschema
+
+    config = load(REPO / "ray_cluster.yaml")
+    prepare_and_validate(config)                     # the file itself is good ...
+    mutate(config)
+    with pytest.raises(jsonschema.ValidationError):  # ... and the validator is not a rubber stamp
+        prepare_and_validate(config)
+
+
+def test_validator_rejects_unknown_head_type():
+    config = load(REPO / "ray_cluster.yaml")
+    config["head_node_type"] = "head-typo"
+    with pytest.raises(ValueError, match="head_node_type"):
+        prepare_and_validate(config)
+
+
+def test_aws_cluster_shape():
+    """A head that schedules nothing, a GPU type for the trainers and a CPU type for the data
+    stages, autoscaled separately, with instance profiles instead of keys."""
+    import ray
+
+    config = load(REPO / "ray_cluster.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}
+    gpu = [t for n, t in types.items() if re.match(r"^(p\d+\w*|g\d+\w*)\.", t["node_config"]["InstanceType"])]
+    cpu = [t for n, t in types.items() if n != config["head_node_type"] and t not in gpu]
+    assert gpu and cpu
+    assert all(t["max_workers"] >= 1 and t.get("min_workers", 0) == 0 for t in gpu + cpu)
+    assert sum(t["max_workers"] for t in gpu + cpu) >= config["max_workers"]
+    for t in types.values():
+        assert set(t["node_config"]["IamInstanceProfile"]) & {"Name", "Arn"}
+    assert config["provider"]["region"] and config["provider"]["type"] == "aws"
+    # The images carry the Ray version this repository is tested with.
+    images = [config["docker"]["image"], config["docker"]["head_image"],
+              *[t["docker"]["worker_image"] for t in types.values() if "docker" in t]]
+    assert all(img.startswith(f"rayproject/ray:{ray.__version__}-") for img in images), images
+
+
+def test_aws_node_configs_are_valid_ec2_parameters():
+    """Ray passes node_config to EC2 RunInstances unchecked; botocore's service model checks it."""
+    botocore_session = pytest.importorskip("botocore.session")
+    from botocore.validate import ParamValidator
+
+    shape = botocore_session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    config = load(REPO / "ray_cluster.yaml")
+    for name, node_type in config["available_node_types"].items():
+        report = ParamValidator().validate({"MinCount": 1, "MaxCount": 1, "ImageId": "ami-00000000",
+                                            **node_type["node_config"]}, shape)
+        assert not report.has_errors(), f"{name}: {report.generate_report()}"
+    bad = ParamValidator().validate({"MinCount": 1, "MaxCount": 1, "InstanceTyp": "m6i.large"}, shape)
+    assert bad.has_errors()
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=_id)
+def test_launcher_security(path):
+    config = prepare_and_validate(load(path))
+    head_start = " ".join(config["head_start_ray_commands"])
+    worker_start = " ".join(config["worker_start_ray_commands"])
+    # token authentication on every node, the token shipped to every node
+    assert "RAY_AUTH_MODE=token ray start --head" in head_start
+    assert "RAY_AUTH_MODE=token ray start --address" in worker_start
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    # the dashboard/job API listens on the head's loopback only: reach it with `ray dashboard`
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert "--metrics-export-port=" in head_start and "--metrics-export-port=" in worker_start
+    # no extra inbound rules (Ray adds SSH and intra-cluster traffic only)
+    rules = config["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert all(r.get("FromPort") == 22 and r.get("ToPort") == 22 for r in rules), rules
+    # the code goes with `ray up`, filtered like job uploads
+    assert config["file_mounts"].get("~/bertray") == "."
+    assert ".rayignore" in config["rsync_filter"]
+    assert any("pip install" in c and "$HOME/bertray" in c for c in config["head_setup_commands"])
+
+
+SECRET_PATTERNS = [
+    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",                       # AWS access key ids
+    r"aws_secret_access_key\s*[:=]",                       # AWS secret keys
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",                 # SSH/TLS private keys
+    r"\"private_key\"\s*:",                                # GCP service-account key files
+    r"\b[0-9a-f]{64}\b",                                   # a Ray auth token (64 hex digits)
+    r"(?m)^\s*[\w.-]*(password|passwd|secret|api_key|token)\s*[:=]\s*[\"']?[A-Za-z0-9+/=_-]{16,}",
+    r"\bghp_[A-Za-z0-9]{20,}", r"\bxox[bp]-[A-Za-z0-9-]+",
+]
+
+
+def test_no_credentials_in_cluster_files():
+    files = [*LAUNCHER_FILES, *KUBERAY_FILES, *CLUSTERS.rglob("*.md"), *CLUSTERS.rglob("Dockerfile*"),
+             CLUSTERS / "runtime_env.yaml", REPO / "docs" / "operations.md"]
+    for path in files:
+        text = path.read_text()
+        for pattern in SECRET_PATTERNS:
+            assert not re.search(pattern, text, re.IGNORECASE), f"{_id(path)} matches {pattern}"
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay
+
+K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
+# Fields of the ray.io/v1 types (KubeRay 1.5-1.7 API reference): a misspelled field is an error.
+CLUSTER_SPEC_FIELDS = {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
+                       "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions",
+                       "upgradeStrategy"}
+HEAD_FIELDS = {"template", "headService", "enableIngress", "rayStartParams", "serviceType", "resources", "labels"}
+WORKER_FIELDS = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+                 "rayStartParams", "template", "scaleStrategy", "numOfHosts", "resources", "labels"}
+AUTOSCALER_FIELDS = {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds", "upscalingMode",
+                     "env", "envFrom", "volumeMounts", "version"}
+JOB_SPEC_FIELDS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+                   "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "deletionStrategy", "entrypoint",
+                   "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
+                   "entrypointNumGpus", "entrypointMemory", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes",
+                   "suspend"}
+
+
+def kuberay_objects() -> list[tuple[pathlib.Path, dict]]:
+    return [(p, d) for p in KUBERAY_FILES for d in _docs(p) if isinstance(d, dict)]
+
+
+def check_pod_template(template: dict, where: str) -> list[dict]:
+    containers = template["spec"]["containers"]
+    assert containers, f"{where}: no containers"
+    for c in containers:
+        assert c.get("name") and c.get("image"), f"{where}: container without name/image"
+        for kind in ("requests", "limits"):
+            res = c["resources"][kind]
+            assert {"cpu", "memory"} <= set(res), f"{where}: {kind} must set cpu and memory"
+            for key, value in res.items():
+                assert QUANTITY.match(str(value)), f"{where}: {key}={value!r} is not a Kubernetes quantity"
+    return containers
+
+
+def check_cluster_spec(spec: dict, where: str) -> None:
+    import ray
+
+    assert set(spec) <= CLUSTER_SPEC_FIELDS, f"{where}: unknown fields {set(spec) - CLUSTER_SPEC_FIELDS}"
+    assert spec["rayVersion"] == ray.__version__
+    assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: token authentication must be on"
+    assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_FIELDS
+    head = spec["headGroupSpec"]
+    assert set(head) <= HEAD_FIELDS, f"{where}: unknown head fields {set(head) - HEAD_FIELDS}"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress"), \
+        f"{where}: the head Service must not be exposed outside the cluster"
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in head["rayStartParams"].items()), \
+        f"{where}: rayStartParams values must be strings"
+    assert head["rayStartParams"].get("num-cpus") == "0", f"{where}: the head must not schedule work"
+    check_pod_template(head["template"], f"{where} head")
+    groups = spec["workerGroupSpecs"]
+    names = [g["groupName"] for g in groups]
+    assert len(set(names)) == len(names)
+    gpu_groups = 0
+    for g in groups:
+        assert set(g) <= WORKER_FIELDS, f"{where}: unknown worker fields {set(g) - WORKER_FIELDS}"
+        assert K8S_NAME.match(g["groupName"])
+        assert 0 <= g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"], f"{where}: {g['groupName']} replicas"
+        assert all(isinstance(v, str) for v in g["rayStartParams"].values())
+        containers = check_pod_template(g["template"], f"{where} {g['groupName']}")
+        gpus = int(containers[0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        gpu_groups += gpus > 0
+    assert gpu_groups >= 1 and len(groups) - gpu_groups >= 1, f"{where}: needs a GPU group and a CPU-only group"
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=_id)
+def test_kuberay_manifest(path):
+    objects = [d for p, d in kuberay_objects() if p == path]
+    assert objects
+    for obj in objects:
+        assert obj["apiVersion"] == "ray.io/v1"
+        assert obj["kind"] in {"RayCluster", "RayJob"}
+        assert K8S_NAME.match(obj["metadata"]["name"])
+        where = f"{_id(path)} {obj['kind']}"
+        if obj["kind"] == "RayCluster":
+            check_cluster_spec(obj["spec"], where)
+        else:
+            spec = obj["spec"]
+            assert set(spec) <= JOB_SPEC_FIELDS, f"{where}: unknown fields {set(spec) - JOB_SPEC_FIELDS}"
+            assert "flows/pretrain.py" in spec["entrypoint"]
+            assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode"}
+            runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+            assert runtime_env["working_dir"] and runtime_env["env_vars"]["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
+            assert spec["shutdownAfterJobFinishes"] is True
+            check_cluster_spec(spec["rayClusterSpec"], where)
+
+
+def test_rayjob_runs_the_raycluster_spec_with_valid_flags():
+    """The RayJob's embedded cluster is the RayCluster manifest's spec, and its entrypoint parses
+    with flows/pretrain.py's own argument parser and names a config that exists."""
+    import importlib.util
+    import shlex
+
+    cluster = load(CLUSTERS / "kuberay" / "raycluster.yaml")
+    job = load(CLUSTERS / "kuberay" / "rayjob.yaml")
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "flows/pretrain.py"]
+    spec = importlib.util.spec_from_file_location("bertray_flow_pretrain", REPO / "flows" / "pretrain.py")
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    args = flow.build_parser().parse_args(argv[2:])
+    assert (REPO / args.config).is_file()
+    assert args.output.startswith("s3://") and args.name
+
+
+# --------------------------------------------------------------------------------------------
+# Grafana, runtime env, uploads, docs
+
+
+def test_grafana_dashboard_queries_bertray_metrics():
+    from bertray.train.metrics import GAUGES
+
+    dash = json.loads((CLUSTERS / "grafana" / "bertray-pretraining.json").read_text())
+    assert dash["title"] and dash["uid"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "run"} <= variables
+    used = set()
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"])
+        for target in panel["targets"]:
+            names = re.findall(r"\b(ray_\w+)", target["expr"])
+            assert names, target["expr"]
+            for name in names:
+                assert name.startswith("ray_bertray_") and name[len("ray_bertray_"):] in GAUGES, name
+            used |= {n[len("ray_bertray_"):] for n in names}
+    assert {"loss", "mlm_accuracy", "nsp_accuracy", "tokens_per_s", "data_wait_share", "learning_rate"} <= used
+
+
+def test_job_runtime_env_file():
+    from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
+    from ray.runtime_env import RuntimeEnv
+
+    path = CLUSTERS / "runtime_env.yaml"
+    env = parse_runtime_env_args(runtime_env=str(path), working_dir=".")   # what `ray job submit` does
+    assert env["working_dir"] == "."
+    assert env["env_vars"]["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
+    assert all(isinstance(v, str) for v in env["env_vars"].values())
+    RuntimeEnv(**env)                                                       # Ray's own field validation
+
+
+def _upload(directory: pathlib.Path, tmp_path: pathlib.Path) -> set[str]:
+    """The files `ray job submit --working-dir <directory>` would upload, packaged by Ray's own code."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    target = tmp_path / f"{directory.name}-pkg.zip"
+    create_package(str(directory), target, include_parent_dir=False,
+                   excludes=ray_constants.get_runtime_env_default_excludes(), include_gitignore=True)
+    return {n for n in zipfile.ZipFile(target).namelist() if not n.endswith("/")}
+
+
+def test_job_upload_leaves_out_runs_data_envs_and_secrets(tmp_path):
+    tree = tmp_path / "checkout"
+    keep = ["bertray/data/pipeline.py", "bertray/train/pretrain.py", "flows/pretrain.py", "flows/configs/embedded.yaml",
+            "samples/corpus/wikitext-2/wiki.test.raw", "clusters/runtime_env.yaml", "tests/data/test_nsp.py"]
+    drop = ["runs/pretrain/checkpoint_00000010/model.safetensors", "data/corpus/wiki.txt", "datasets/glue/x.tsv",
+            ".venv/lib/site.py", "venv/bin/python", "env/bin/python", "bertray/__pycache__/x.cpython-311.pyc",
+            "outputs/log.txt", "checkpoints/a.ckpt", "dist/bertray-0.1.0.whl", "bertray.egg-info/PKG-INFO",
+            ".env", "keys/cluster.pem", ".aws/credentials", "corpus.tar.gz", "train.log", ".git/HEAD",
+            "benchmarks/results/x.json"]
+    for rel in keep + drop:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("x")
+    for name in (".rayignore", ".gitignore"):
+        (tree / name).write_text((REPO / name).read_text())
+    uploaded = _upload(tree, tmp_path)
+    assert set(keep) <= uploaded, set(keep) - uploaded
+    assert not uploaded & set(drop), uploaded & set(drop)
+
+
+def test_repository_upload_is_small_and_complete(tmp_path):
+    uploaded = _upload(REPO, tmp_path)
+    assert {"flows/pretrain.py", "bertray/train/pretrain.py", "bertray/data/pipeline.py", "clusters/runtime_env.yaml",
+            "samples/corpus/wikitext-2/wiki.test.raw"} <= uploaded
+    assert not [n for n in uploaded if n.split("/")[0] in {"runs", "data", ".venv", "venv", ".git"}]
+    size = sum((REPO / n).stat().st_size for n in uploaded)
+    assert size < 50 * 2**20, f"the job upload is {size / 2**20:.1f} MiB"
+
+
+def test_docs_say_how_to_get_and_pass_the_token():
+    for path in (CLUSTERS / "README.md", REPO / "docs" / "operations.md"):
+        text = path.read_text()
+        for needle in ("ray get-auth-token", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH", "Authorization: Bearer",
+                       "ray dashboard"):
+            assert needle in text, f"{_id(path)} does not mention {needle!r}"
