@@ -61,6 +61,8 @@ def main(argv=None) -> int:
 
     from bertray.train.pretrain import run_pretraining
 
+    # The dashboard's Train view lists runs only when the driver tracks their state.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     started = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,

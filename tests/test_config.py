@@ -78,3 +78,28 @@ def test_malformed_config_file(tmp_path):
         BertConfig.from_json_file(bad)
     with pytest.raises(ConfigError, match="no such file"):
         BertConfig.from_json_file(tmp_path / "missing.json")
+
+
+def test_exponent_floats_without_a_dot(tmp_path):
+    """PyYAML reads `1e-4` as a string (YAML 1.1); a float field still takes it."""
+    from bertray.config import PretrainConfig, load_config, parse_value
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {corpus: [x.txt]}\ntrain: {lr: 1e-4, adam_eps: 1E-6}\n")
+    cfg = load_config(PretrainConfig, path, {"train.weight_decay": parse_value("5e-3")})
+    assert (cfg.train.lr, cfg.train.adam_eps, cfg.train.weight_decay) == (1e-4, 1e-6, 5e-3)
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(PretrainConfig, path, {"train.lr": "fast"})
+
+
+def test_every_pretraining_option_is_a_documented_flag():
+    import subprocess
+    import sys
+
+    from bertray.config import PretrainConfig, iter_options
+
+    out = subprocess.run([sys.executable, "flows/pretrain.py", "--help"], capture_output=True, text=True,
+                         check=True, cwd=__import__("pathlib").Path(__file__).resolve().parents[1]).stdout
+    for dotted, field, _ in iter_options(PretrainConfig):
+        assert f"--{dotted}" in out, dotted
+        assert field.metadata.get("help"), f"{dotted} has no help text"

@@ -32,13 +32,14 @@ RUN_STATE = "bertray_state.json"
 
 @dataclass
 class RunState:
-    """Where training stands; `generation` counts data-stream restarts so a resumed stream is fresh."""
+    """Where training stands. The data position is `step`/`sequences_seen`: a resumed stream starts
+    a new generation of draws (see `bertray.data.pipeline`) rather than replaying the old one."""
 
     step: int = 0
     sequences_seen: int = 0
-    generation: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)   # logged intervals up to `step`
 
 
 def rng_state() -> dict[str, Any]:
@@ -98,7 +99,9 @@ def resolve_checkpoint(url: str) -> str:
     """A checkpoint directory URL; a run directory or a `latest` file is followed to its newest checkpoint."""
     fs, path = fsspec.core.url_to_fs(url)
     pointer = path if path.endswith("/" + LATEST) else path.rstrip("/") + "/" + LATEST
-    if fs.isfile(pointer):
-        name = fs.cat_file(pointer).decode().strip()
-        return fs.unstrip_protocol(os.path.dirname(pointer) + "/" + name)
-    return url
+    if not fs.isfile(pointer):
+        return url
+    name = fs.cat_file(pointer).decode().strip()
+    directory = os.path.dirname(pointer) + "/" + name
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return directory if local else fs.unstrip_protocol(directory)

@@ -10,13 +10,14 @@ name), and run the same number of steps on every rank so DDP never waits on a mi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
+import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -38,6 +39,7 @@ from bertray.train.optim import make_optimizer, warmup_linear_decay
 log = logging.getLogger("bertray.train")
 
 EVAL_SEED = 12345
+HISTORY = "history.json"   # every logged interval of the run (Ray keeps only checkpointed metrics)
 FAULT_MARKER = ".fault_injected"
 
 
@@ -83,7 +85,9 @@ def meter_keys() -> tuple[str, ...]:
 
 
 def _item(value: Any) -> float | None:
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -108,9 +112,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     run_url = loop_config["run_url"]
     tokenizer = Tokenizer.from_str(loop_config["tokenizer_json"])
 
-    state = RunState(config=loop_config["config"], generation=loop_config["generation"])
+    state = RunState(config=loop_config["config"])
     checkpoint = ray.train.get_checkpoint()
-    resumed = None
+    resumed, history = None, []
     torch.manual_seed(tcfg.seed)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -118,6 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             saved = load_run_state(directory)
             resumed = load_training_state(directory)
         state.step, state.sequences_seen = saved.step, saved.sequences_seen
+        history = saved.history
         log.info("[rank %d] resuming at step %d from %s", rank, state.step, checkpoint.path)
     elif loop_config["init_from"]:
         model = BertForPreTraining.from_pretrained(loop_config["init_from"])
@@ -134,6 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
     train_model = torch.compile(ddp_model) if tcfg.compile else ddp_model
 
+    start_step = state.step
     sinks = MetricSinks(cfg.run.name, rank, loop_config["tensorboard_dir"])
     eval_batches = loop_config["eval_batches"]
     meter = IntervalMeter()
@@ -200,8 +206,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                              prefix="eval"))
                 sinks.emit(state.step, metrics)
                 last.update(metrics)
+                history.append({"step": state.step, **{k: v for k, v in metrics.items() if k != "step"}})
             save = final or state.step % tcfg.checkpoint_every == 0 or state.step in tcfg.save_at_steps
             if save:
+                state.history = history
                 _report_checkpoint(model, tokenizer, optimizer, scheduler, state, {**last, "step": state.step},
                                    rank, run_url, keep=state.step in tcfg.save_at_steps)
             elif metrics:
@@ -209,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if exhausted:
             break
     sinks.close()
-    return {**last, "step": state.step, "sequences_seen": state.sequences_seen}
+    return {**last, "step": state.step, "start_step": start_step, "sequences_seen": state.sequences_seen}
 
 
 def _maybe_inject_fault(fail_at_step: int | None, step: int, rank: int, run_url: str) -> None:
@@ -241,6 +249,7 @@ def _report_checkpoint(model, tokenizer, optimizer, scheduler, state: RunState, 
             fs, path = fsspec.core.url_to_fs(join_url(run_url, "kept", name))
             fs.put(directory.rstrip("/") + "/", path, recursive=True)
     write_text(join_url(run_url, LATEST), name + "\n")
+    write_text(join_url(run_url, HISTORY), json.dumps(state.history, default=float) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,8 +300,19 @@ def eval_batches(cfg: PretrainConfig, tokenizer_json: str) -> list[dict[str, np.
     return [{k: np.ascontiguousarray(v[i * size:(i + 1) * size]) for k, v in rows.items()} for i in range(n)]
 
 
-def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False) -> PretrainResult:
-    """Run (or resume) pretraining as configured; returns the final metrics and checkpoint URL."""
+def _phase_dataset(files, data, phase, tokenizer_json: str, seed: int, passes: int, run_url: str, counters):
+    """Built by Ray Train at every worker-group start: a restarted group (after a crash) gets a new
+    `generation`, so it draws fresh pairs and masks instead of replaying the stream from its start."""
+    spec = stream_spec(data, phase, tokenizer_json, seed=seed, generation=_next_generation(run_url), passes=passes)
+    return build_dataset(files, spec, counters_actor=counters)
+
+
+def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
+                    prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> PretrainResult:
+    """Run (or resume) pretraining as configured; returns the final metrics and checkpoint URL.
+
+    `prepare_datasets` may replace the per-phase dataset factories (benchmarks/ingest.py feeds the
+    same loop from memory to measure what the streaming pipeline costs)."""
     from ray.train.torch import TorchTrainer
 
     # Progress bars of several streaming operators interleave badly with the metric lines in job
@@ -309,22 +329,20 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False) -> Pret
         log.warning(warning)
     tokenizer = run_tokenizer(cfg.data, files, run_url)
     bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
-    generation = _next_generation(run_url)
-
     tokenizer_json = tokenizer.to_str()
     evaluation = eval_batches(cfg, tokenizer_json)
     counters = PipelineCounters.remote()
-    datasets = {
-        f"train_{i}": build_dataset(files, stream_spec(cfg.data, phase, tokenizer_json, seed=cfg.train.seed,
-                                                       generation=generation, passes=cfg.train.corpus_passes),
-                                   counters_actor=counters)
-        for i, phase in enumerate(cfg.train.phases)}
+    datasets = {f"train_{i}": functools.partial(_phase_dataset, files, cfg.data, phase, tokenizer_json, cfg.train.seed,
+                                                cfg.train.corpus_passes, run_url, counters)
+                for i, phase in enumerate(cfg.train.phases)}
+    if prepare_datasets is not None:
+        datasets = prepare_datasets(datasets)
 
     storage_path, storage_fs = storage_for(cfg.run.output)
     tensorboard_dir = _tensorboard_dir(cfg, run_url) if cfg.run.tensorboard else None
     loop_config = {
         "config": to_mapping(cfg), "bert_config": bert_config.to_dict(), "tokenizer_json": tokenizer_json,
-        "run_url": run_url, "generation": generation, "eval_batches": evaluation,
+        "run_url": run_url, "eval_batches": evaluation,
         "init_from": resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
         "tensorboard_dir": tensorboard_dir,
     }

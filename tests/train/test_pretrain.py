@@ -1,0 +1,167 @@
+"""Pretraining on a real local Ray cluster: the embedded default, 2 workers, resume, fault
+tolerance, object storage, metrics sinks. Small models and step counts; real corpus and Ray."""
+
+import dataclasses
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bertray.config import PretrainConfig, load_config
+from bertray.train.checkpoints import load_run_state, load_training_state, resolve_checkpoint
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+EMBEDDED = REPO / "flows" / "configs" / "embedded.yaml"
+
+
+def small_config(output: str, name: str | None = None, **overrides) -> PretrainConfig:
+    """The embedded default, shrunk: a smaller vocabulary, short runs, frequent checkpoints."""
+    base = {
+        "data.corpus": [str(REPO / "samples/corpus/wikitext-2/wiki.valid.raw")],
+        "data.eval_corpus": [str(REPO / "samples/corpus/wikitext-2/wiki.valid.raw")],
+        "data.vocab_size": 2000, "train.max_steps": 12, "train.log_every": 4, "train.eval_every": 0,
+        "train.eval_batches": 2, "train.checkpoint_every": 6, "train.warmup_steps": 2, "train.corpus_passes": 2,
+        "train.phases": [{"fraction": 1.0, "max_seq_len": 64, "max_predictions_per_seq": 10, "batch_size": 16}],
+        "run.output": output, "run.name": name or f"t-{uuid.uuid4().hex[:8]}", "run.tensorboard": False,
+    }
+    return load_config(PretrainConfig, EMBEDDED, {**base, **overrides})
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_[0-9]*"))
+
+
+def test_embedded_default_flow_end_to_end(ray_cluster, tmp_path):
+    """`python flows/pretrain.py` (the no-argument default), with a small step count."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_flow", REPO / "flows" / "pretrain.py")
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    summary = tmp_path / "summary.json"
+    code = flow.main(["--train.max_steps", "8", "--train.log_every", "4", "--train.eval_every", "0",
+                      "--train.eval_batches", "2", "--output", str(tmp_path / "runs"), "--name", "embedded",
+                      "--json", str(summary)])
+    assert code == 0
+    result = json.loads(summary.read_text())
+    assert result["steps"] == 8
+    assert 0 < result["mlm_accuracy"] < 1 and result["loss"] > 0
+    checkpoint = Path(result["checkpoint"])
+    assert checkpoint.name == "checkpoint_00000008"
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert resolve_checkpoint(str(tmp_path / "runs" / "embedded")) == str(checkpoint)
+    assert result["pipeline"]["instances"] > 0 and result["pipeline"]["documents"] > 0
+
+
+def test_two_workers_learn_and_export_to_transformers(ray_cluster, tmp_path):
+    from bertray.train.pretrain import run_pretraining
+
+    transformers = pytest.importorskip("transformers")
+    cfg = small_config(
+        str(tmp_path), **{"scaling.num_workers": 2, "scaling.cpus_per_worker": 0.5, "train.max_steps": 30,
+                          "train.log_every": 5, "train.checkpoint_every": 30, "train.lr": 2e-3,
+                          "train.phases": [{"fraction": 1.0, "max_seq_len": 64, "max_predictions_per_seq": 10,
+                                            "batch_size": 32}]})
+    result = run_pretraining(cfg)
+    history = json.loads((Path(tmp_path) / cfg.run.name / "history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    assert result.metrics["step"] == 30
+
+    directory = resolve_checkpoint(str(Path(tmp_path) / cfg.run.name))
+    from bertray.model.heads import BertForPreTraining
+
+    ours = BertForPreTraining.from_pretrained(directory).eval()
+    theirs = transformers.BertForPreTraining.from_pretrained(directory).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, ours.config.vocab_size, (4, 32), generator=g)
+    types = torch.cat([torch.zeros(4, 16, dtype=torch.long), torch.ones(4, 16, dtype=torch.long)], 1)
+    mask = torch.ones(4, 32, dtype=torch.long)
+    positions = torch.randint(1, 31, (4, 5), generator=g)
+    with torch.no_grad():
+        out = ours(input_ids=ids, token_type_ids=types, attention_mask=mask, masked_lm_positions=positions,
+                   masked_lm_weights=torch.ones(4, 5))
+        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    ref_mlm = torch.gather(ref.prediction_logits, 1, positions[..., None].expand(-1, -1, ref.prediction_logits.size(-1)))
+    torch.testing.assert_close(out.mlm_logits, ref_mlm.reshape(-1, ref_mlm.size(-1)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.nsp_logits, ref.seq_relationship_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_continues_step_schedule_and_optimizer(ray_cluster, tmp_path):
+    from bertray.train.pretrain import run_pretraining
+
+    name = f"resume-{uuid.uuid4().hex[:6]}"
+    first = small_config(str(tmp_path), name, **{"train.max_steps": 6, "train.warmup_steps": 2})
+    run_pretraining(first)
+    run = tmp_path / name
+    assert checkpoint_steps(run) == [6]
+    state_6 = load_training_state(run / "checkpoint_00000006")
+
+    second = small_config(str(tmp_path), name, **{"train.max_steps": 12, "train.warmup_steps": 2})
+    result = run_pretraining(second)
+    assert result.metrics["start_step"] == 6 and result.metrics["step"] == 12
+    assert checkpoint_steps(run) == [6, 12]          # nothing duplicated, nothing missing
+    assert load_run_state(run / "checkpoint_00000012").step == 12
+    state_12 = load_training_state(run / "checkpoint_00000012")
+    # AdamW's per-parameter step counters carried on from 6 to 12: the optimizer was not reset.
+    steps_6 = {float(s["step"]) for s in state_6["optimizer"]["state"].values()}
+    steps_12 = {float(s["step"]) for s in state_12["optimizer"]["state"].values()}
+    assert steps_6 == {6.0} and steps_12 == {12.0}
+    assert state_12["scheduler"]["last_epoch"] == 12
+    history = json.loads((run / "history.json").read_text())
+    lr_at = {h["step"]: h["learning_rate"] for h in history if "learning_rate" in h}
+    # Step 8's interval continues the decay of the 12-step schedule; it is no fresh warmup from 0.
+    peak = second.train.lr
+    assert lr_at[8] == pytest.approx(peak * (12 - 7) / 10, rel=0.35)
+    assert lr_at[8] > peak * 0.3
+
+
+def test_worker_crash_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
+    from bertray.train.pretrain import run_pretraining
+
+    cfg = small_config(str(tmp_path), **{"train.max_steps": 12, "train.checkpoint_every": 4,
+                                         "train.fail_at_step": 7, "run.max_failures": 1})
+    result = run_pretraining(cfg)
+    run = tmp_path / cfg.run.name
+    assert (run / ".fault_injected").read_text().startswith("crashed at step 7")
+    assert result.metrics["step"] == 12
+    assert result.metrics["start_step"] == 4          # the retry began at the step-4 checkpoint
+    assert 12 in checkpoint_steps(run)
+
+
+def test_checkpoints_in_object_storage_and_resume_there(ray_cluster, s3_bucket):
+    import s3fs
+
+    from bertray.train.pretrain import run_pretraining
+
+    output = f"s3://{s3_bucket}/runs"
+    first = small_config(output, "s3run", **{"train.max_steps": 6})
+    run_pretraining(first)
+    result = run_pretraining(small_config(output, "s3run", **{"train.max_steps": 12}))
+    assert result.metrics["start_step"] == 6 and result.metrics["step"] == 12
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/runs/s3run")}
+    assert {"checkpoint_00000006", "checkpoint_00000012", "latest"} <= names
+    assert fs.cat_file(f"{s3_bucket}/runs/s3run/latest").decode().strip() == "checkpoint_00000012"
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/runs/s3run/checkpoint_00000012")}
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "training_state.pt"} <= files
+    assert result.checkpoint == f"{output}/s3run/checkpoint_00000012"
+
+
+@pytest.mark.parametrize("objective", ["mlm", "ltr"])
+def test_ablation_objectives_train(ray_cluster, tmp_path, objective):
+    from bertray.model.heads import BertForPreTraining
+    from bertray.train.pretrain import run_pretraining
+
+    cfg = small_config(str(tmp_path), **{"data.objective": objective, "train.max_steps": 4,
+                                         "train.checkpoint_every": 4})
+    result = run_pretraining(cfg)
+    assert result.metrics["step"] == 4 and result.metrics.get("nsp_accuracy") is None
+    model = BertForPreTraining.from_pretrained(result.checkpoint)
+    assert model.config.is_causal is (objective == "ltr")
