@@ -268,7 +268,8 @@ def storage_for(output: str) -> tuple[str, Any]:
 
 @dataclass
 class PretrainResult:
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]              # rank 0's final metrics (the train function's return value)
+    reported: dict[str, Any]             # what Ray Train recorded with the last checkpoint
     checkpoint: str | None
     counters: dict[str, int]
     elapsed_s: float
@@ -363,7 +364,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
         write_text(join_url(run_url, LATEST), name + "\n")
         checkpoint_url = join_url(run_url, name)
     metrics = dict(result.return_value or result.metrics or {})
-    return PretrainResult(metrics=metrics, checkpoint=checkpoint_url, counters=ray.get(counters.get.remote()),
+    return PretrainResult(metrics=metrics, reported=dict(result.metrics or {}), checkpoint=checkpoint_url, counters=ray.get(counters.get.remote()),
                           elapsed_s=time.perf_counter() - started)
 
 
