@@ -161,7 +161,10 @@ def run_hf(seq: int) -> dict:
 
 
 def run_ray(seq: int, predictions: int, cores: int, passes: int) -> dict:
-    """The same pipeline through Ray Data (read tasks, a tokenizer actor pool, masking tasks)."""
+    """The same pipeline through Ray Data (read tasks, a tokenizer actor pool, masking tasks).
+
+    One tokenizer actor per core, each reserving a share of a CPU that leaves half a CPU for the
+    read and masking tasks: actors holding every CPU starve the reads and the run hangs silently."""
     import ray
 
     from bertray.data.masking import MaskingConfig
@@ -180,8 +183,8 @@ def run_ray(seq: int, predictions: int, cores: int, passes: int) -> dict:
             files = [f for f in resolve_corpus(pattern) if not f.url.endswith(("SOURCE.txt", "README.nltk-gutenberg"))]
             spec = StreamSpec(layout=LAYOUT_PRESETS[layout_name], nsp=NSPConfig(max_seq_len=seq),
                               masking=MaskingConfig(max_predictions_per_seq=predictions), tokenizer_json=tok_json,
-                              passes=passes, files_per_read_task=1, read_cpus=0.25, tokenizer_cpus=1.0,
-                              tokenizer_actors=cores, mask_cpus=0.25)
+                              passes=passes, files_per_read_task=1, read_cpus=0.25,
+                              tokenizer_cpus=(cores - 0.5) / cores, tokenizer_actors=cores, mask_cpus=0.25)
             results.append((files, spec))
         # Warm up the actor pool and imports, then time whole passes.
         build_dataset(*results[0]).take_batch(64)
