@@ -42,9 +42,9 @@ def test_real_files_are_iob2_with_the_official_entity_counts(shared_data):
 def test_iob1_file_is_converted_and_counted(tmp_path):
     path = tmp_path / "eng.train"
     path.write_text("-DOCSTART- -X- O O\n\n"
-                    "EU NNP I-NP I-ORG\nrejects VBZ I-VP O\nGerman JJ I-NP I-MISC\ncall NN I-NP O\n\n"
-                    "Peter NNP I-NP I-PER\nBlackburn NNP I-NP I-PER\nand CC O O\nJohn NNP I-NP I-PER\n"
-                    "Paul NNP I-NP B-PER\n")
+                    "Acme NNP I-NP I-ORG\nsells VBZ I-VP O\nDutch JJ I-NP I-MISC\ncheese NN I-NP O\n\n"
+                    "Maria NNP I-NP I-PER\nLopez NNP I-NP I-PER\nand CC O O\nAnna NNP I-NP I-PER\n"
+                    "Berg NNP I-NP B-PER\n")
     examples, counts = ner.read_conll(path)
     assert counts == {"sentences": 2, "tokens": 9, "documents": 1, "iob1_converted": 4}
     assert examples[0].tags == ("B-ORG", "O", "B-MISC", "O")
@@ -52,9 +52,9 @@ def test_iob1_file_is_converted_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("text,line,message", [
-    ("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n", 2, "expected 4 space-separated columns"),
-    ("EU NNP B-NP B-ORG\n\nrejects VBZ B-VP B-FOO\n", 3, "unknown NER tag 'B-FOO'"),
-    ("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG extra\n", 3, "found 5"),
+    ("Acme NNP B-NP B-ORG\nsells VBZ B-VP\n", 2, "expected 4 space-separated columns"),
+    ("Acme NNP B-NP B-ORG\n\nsells VBZ B-VP B-FOO\n", 3, "unknown NER tag 'B-FOO'"),
+    ("-DOCSTART- -X- -X- O\n\nAcme NNP B-NP B-ORG extra\n", 3, "found 5"),
 ])
 def test_malformed_lines_raise_with_file_and_line(tmp_path, text, line, message):
     path = tmp_path / "bad.txt"
