@@ -1,0 +1,454 @@
+"""Fine-tuning sweeps on Ray Tune: checkpoints x tasks x learning rates x batch sizes x epochs x seeds.
+
+The only module that imports `ray.tune`. One Tune trial is one grid point of one task, run by the
+Ray-free loop in `bertray.tune.trainer` inside a plain function trainable (not Tune-over-Train:
+the paper's fine-tuning is single-device):
+
+    trial resources  {"cpu": c, "gpu": 1} on a cluster with GPUs, else {"cpu": c} (c = cpus_per_trial,
+                     auto: 1 on CPU-only clusters, CPUs/GPUs up to 8 on GPU clusters); trials run
+                     concurrently as far as the cluster's resources (and max_concurrent_trials) allow
+    reports          `tune.report` after every epoch: `score` (the task's primary dev metric, which
+                     selection and ASHA use, mode max), `epoch`, `train_loss`, every `{split}_{metric}`;
+                     the last epoch's report carries the trial's prediction files as its checkpoint
+    failures         `FailureConfig(max_failures=N)` reruns a failed trial from scratch; a trial that
+                     still fails is listed as FAILED with its error in every results file
+    selection        per (checkpoint, task) the trial with the best `score` (`results.select_best`)
+
+Checkpoints reach the trials as follows: the driver resolves `--init-from` (a run directory or its
+`latest` file becomes the newest checkpoint's URL) and checks that it exists; every trial then
+opens the URL itself. An object-storage URL (s3://, gs://, ...) is downloaded by the first trial
+on each node into a node-local cache (model and tokenizer files only), which the node's later
+trials reuse. A local path is used in place, so on a multi-node cluster it must be visible at the
+same path on every node (shared file system); otherwise put the checkpoint in object storage.
+The same holds for `--data`. Prediction files travel back as Tune checkpoints under
+`<output>/tune/`, which therefore must be shared storage on multi-node clusters (as Ray requires).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import fsspec
+
+from bertray.config import check, doc, from_mapping, to_mapping
+from bertray.errors import CheckpointError, ConfigError, TaskDataError
+from bertray.tasks.registry import TaskSpec, resolve_tasks
+from bertray.train.checkpoints import resolve_checkpoint
+from bertray.tune import results as tables
+from bertray.tune.results import FAILED, OK, STOPPED, TrialRecord
+from bertray.tune.trainer import TrialConfig
+
+log = logging.getLogger("bertray.tune")
+
+RANDOM_INIT = "random init"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tuning sweep. Empty grid fields mean the paper's per-task grid (registry.py)."""
+
+    init_from: tuple[str, ...] = doc(("runs/pretrain-embedded",), "checkpoint directories (Hugging Face layout), "
+                                     "local or object storage; a pretraining run directory or its `latest` "
+                                     "file means its newest checkpoint; each is a row of the results tables")
+    labels: tuple[str, ...] = doc((), "row labels for init_from (default: the checkpoint's last two path parts)")
+    random_init: bool = doc(False, "also fine-tune the first checkpoint's architecture from random weights "
+                                   "(a 'random init' row, same grid and seeds)")
+    tasks: str = doc("glue", "comma-separated tasks and groups: glue, squad, all, mnli, qqp, qnli, sst2, cola, "
+                             "stsb, mrpc, rte, wnli, squad1, squad2, swag, conll2003, conll2003_feature")
+    data: str = doc("samples", "root of the standard task layouts (glue/SST-2/train.tsv, squad/v1.1/..., ...): "
+                               "local or object storage")
+    learning_rates: tuple[float, ...] = doc((), "learning rates (empty: the task's paper grid)")
+    batch_sizes: tuple[int, ...] = doc((), "batch sizes (empty: the task's paper grid)")
+    epochs: tuple[int, ...] = doc((), "epoch counts (empty: the task's paper grid)")
+    seeds: tuple[int, ...] = doc((0,), "seeds: random restarts of every grid point (head init, dropout, order)")
+    max_seq_len: int | None = doc(None, "tokens per sequence (null: the task's: 128, SQuAD 384)")
+    max_train_examples: int | None = doc(None, "use the first N training examples (null: all)")
+    max_eval_examples: int | None = doc(None, "score the first N examples of each dev split and predict the "
+                                              "first N of each test split (null: all)")
+    warmup_proportion: float = doc(0.1, "share of steps with linear warmup; then linear decay to 0")
+    weight_decay: float = doc(0.01, "AdamW decoupled weight decay (not on LayerNorm and biases)")
+    dropout: float | None = doc(0.1, "dropout everywhere (null: keep the checkpoint's)")
+    adam_eps: float = doc(1e-6, "AdamW epsilon")
+    clip_grad_norm: float = doc(1.0, "clip gradients to this global norm (0: off)")
+    eval_batch_size: int = doc(128, "batch size for scoring the dev sets")
+    scheduler: Literal["none", "asha"] = doc("none", "none: every trial runs all its epochs; asha: stop weak "
+                                                     "trials early (on `score`, after each epoch)")
+    cpus_per_trial: float = doc(0.0, "CPUs per trial (0: auto, 1 on CPU-only clusters, CPUs per GPU up to 8 "
+                                     "with GPUs); torch uses that many threads")
+    gpus_per_trial: float | None = doc(None, "GPUs per trial (null: 1 when the cluster has GPUs, else 0)")
+    max_concurrent_trials: int = doc(0, "at most this many trials at once (0: as resources allow)")
+    max_failures: int = doc(1, "reruns of a failed trial before it is reported as FAILED")
+    output: str = doc("runs/finetune", "results directory (local or object storage): results.md/.csv/.json, "
+                                       "predictions/, tune/ (Tune's trial directories)")
+    name: str = doc("finetune", "Tune experiment name prefix (a timestamp makes every sweep new)")
+    cache_dir: str | None = doc(None, "node-local cache for featurized data and downloaded checkpoints "
+                                      "(null: <output>/cache when output is local, else a temp folder)")
+    predictions: bool = doc(True, "write prediction files (dev predictions, GLUE test submissions, SQuAD "
+                                  "predictions.json) and copy the winners' to <output>/predictions/")
+    fail_trials: tuple[str, ...] = doc((), "fault injection for tests: trials of TASK or TASK@LR raise")
+
+    def __post_init__(self) -> None:
+        check(len(self.init_from) > 0, "init_from", "give at least one checkpoint")
+        check(not self.labels or len(self.labels) == len(self.init_from), "labels",
+              f"give one label per init_from entry ({len(self.init_from)}), got {len(self.labels)}")
+        resolve_tasks(self.tasks)
+        for key in ("learning_rates", "batch_sizes", "epochs"):
+            check(all(v > 0 for v in getattr(self, key)), key, f"values must be > 0, got {getattr(self, key)}")
+        check(len(self.seeds) > 0, "seeds", "give at least one seed")
+        check(len(set(self.seeds)) == len(self.seeds), "seeds", f"seeds must differ, got {self.seeds}")
+        check(self.cpus_per_trial >= 0, "cpus_per_trial", f"must be >= 0, got {self.cpus_per_trial}")
+        check(self.gpus_per_trial is None or self.gpus_per_trial >= 0, "gpus_per_trial",
+              f"must be >= 0 or null, got {self.gpus_per_trial}")
+        check(self.max_concurrent_trials >= 0, "max_concurrent_trials",
+              f"must be >= 0, got {self.max_concurrent_trials}")
+        check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        check(bool(self.name) and "/" not in self.name, "name",
+              f"must be a non-empty name without '/', got {self.name!r}")
+        for entry in self.fail_trials:
+            task, _, lr = entry.partition("@")
+            resolve_tasks(task)
+            if lr:
+                try:
+                    float(lr)
+                except ValueError:
+                    raise ConfigError(f"fail_trials: {entry!r} is not TASK or TASK@LR") from None
+        # The per-trial settings are validated once here, with the trial's own checks.
+        TrialConfig(task=resolve_tasks(self.tasks)[0].name, init_from=".", data=".", learning_rate=1e-5,
+                    batch_size=1, epochs=1, **self._trial_settings())
+
+    def _trial_settings(self) -> dict[str, Any]:
+        keys = ("max_seq_len", "max_train_examples", "max_eval_examples", "warmup_proportion", "weight_decay",
+                "dropout", "adam_eps", "clip_grad_norm", "eval_batch_size", "predictions")
+        return {k: getattr(self, k) for k in keys}
+
+    def grid(self, spec: TaskSpec) -> list[dict[str, Any]]:
+        """The task's grid points (lr, batch size, epochs) with the overrides applied, times the seeds."""
+        lrs = self.learning_rates or spec.grid.learning_rates
+        sizes = self.batch_sizes or spec.grid.batch_sizes
+        epochs = self.epochs or spec.grid.epochs
+        return [{"learning_rate": lr, "batch_size": bs, "epochs": ep, "seed": seed}
+                for lr in lrs for bs in sizes for ep in epochs for seed in self.seeds]
+
+
+# --------------------------------------------------------------------------------------------
+# Driver: paths, rows, trials
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _absolute(url: str) -> str:
+    """Local paths absolute (trials run in their own working directories); URLs unchanged."""
+    return os.path.abspath(url.removeprefix("file://")) if _is_local(url) else url
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the results tables: a checkpoint (or its random-init twin)."""
+
+    label: str
+    checkpoint: str          # resolved checkpoint directory URL or absolute path
+    random_init: bool = False
+
+
+def default_label(url: str) -> str:
+    parts = [p for p in url.rstrip("/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else url
+
+
+def resolve_rows(cfg: FinetuneConfig) -> list[Row]:
+    """Follow run directories and `latest` files to checkpoints and check each has a config.json."""
+    rows = []
+    for i, raw in enumerate(cfg.init_from):
+        url = _absolute(resolve_checkpoint(_absolute(raw)))
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.isfile(path.rstrip("/") + "/config.json"):
+            hint = (" Make one with `python flows/pretrain.py` (about 3 minutes on 2 CPU cores), or pass "
+                    "--init-from with a checkpoint directory in the Hugging Face layout"
+                    if raw == FinetuneConfig.init_from[0] else
+                    " Pass a checkpoint directory in the Hugging Face layout (config.json, model.safetensors, "
+                    "vocab.txt or tokenizer.json), a pretraining run directory, or its `latest` file.")
+            raise CheckpointError(f"init_from: {raw} -> {url} has no config.json.{hint}")
+        rows.append(Row(cfg.labels[i] if cfg.labels else default_label(url), url))
+    if cfg.random_init:
+        rows.append(Row(RANDOM_INIT, rows[0].checkpoint, random_init=True))
+    labels = [r.label for r in rows]
+    check(len(set(labels)) == len(labels), "labels", f"rows need distinct labels, got {labels}")
+    return rows
+
+
+def check_data(specs: Sequence[TaskSpec], data: str) -> None:
+    """Every task's train and dev files exist under `data` (checked once, on the driver)."""
+    missing = []
+    for spec in specs:
+        for split in ("train", *spec.dev_splits):
+            fs, path = fsspec.core.url_to_fs(spec.path(data, split))
+            if not fs.isfile(path):
+                missing.append(f"{spec.name}: {spec.data_dir}/{spec.files[split]}")
+    if missing:
+        raise TaskDataError(f"data: {data} lacks {len(missing)} file(s): {'; '.join(missing)}. The root holds the "
+                            f"standard layouts (glue/SST-2/train.tsv, squad/v1.1/dev-v1.1.json, swag/val.csv, "
+                            f"conll2003/valid.txt, ...); the shipped samples have glue/SST-2, MRPC, CoLA and STS-B "
+                            f"only (--data ../shared/data for the real files)")
+
+
+def _fails(cfg: FinetuneConfig, task: str, lr: float) -> bool:
+    for entry in cfg.fail_trials:
+        name, _, value = entry.partition("@")
+        if name.strip().lower() == task and (not value or math.isclose(float(value), lr, rel_tol=1e-9)):
+            return True
+    return False
+
+
+def trial_configs(cfg: FinetuneConfig, rows: Sequence[Row], specs: Sequence[TaskSpec], *, cache_dir: str,
+                  threads: int) -> list[dict[str, Any]]:
+    """One plain dict per trial: the row label and the `TrialConfig` fields (what Tune ships)."""
+    data = _absolute(cfg.data)
+    out = []
+    for row in rows:
+        for spec in specs:
+            for point in cfg.grid(spec):
+                trial = TrialConfig(task=spec.name, init_from=row.checkpoint, data=data, random_init=row.random_init,
+                                    threads=threads, cache_dir=cache_dir, fail=_fails(cfg, spec.name,
+                                                                                     point["learning_rate"]),
+                                    **point, **cfg._trial_settings())
+                out.append({"row": row.label, "trial": dataclasses.asdict(trial)})
+    return out
+
+
+def trial_resources(cfg: FinetuneConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """{"cpu": c, "gpu": g} per trial: one GPU per trial when the cluster has GPUs."""
+    gpus = cluster.get("GPU", 0.0)
+    cpus = cluster.get("CPU", 1.0)
+    g = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (1.0 if gpus >= 1 else 0.0)
+    c = cfg.cpus_per_trial
+    if c == 0:
+        c = float(max(1, min(8, int(cpus // gpus)))) if g and gpus else 1.0
+    resources = {"cpu": c, "gpu": g}
+    if g > gpus:
+        raise ConfigError(f"gpus_per_trial: {g:g} requested but the cluster has {gpus:g} GPUs")
+    if c > cpus:
+        raise ConfigError(f"cpus_per_trial: {c:g} requested but the cluster has {cpus:g} CPUs")
+    return resources
+
+
+# --------------------------------------------------------------------------------------------
+# The Tune trial (runs on a worker)
+
+
+def finetune_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one grid point of one task (`config["job"]`, an entry of
+    `trial_configs`); reports after every epoch."""
+    import ray.tune as tune
+
+    from bertray.tune.trainer import TrialConfig, finetune
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    trial = from_mapping(TrialConfig, config["job"]["trial"])
+
+    def report(metrics: dict[str, Any], files: str | None) -> None:
+        if files is None:
+            tune.report(metrics)
+        else:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(files))
+
+    with tempfile.TemporaryDirectory(prefix="bertray-trial-") as files:
+        finetune(trial, report=report, files_dir=files)
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep (runs on the driver)
+
+
+@dataclass
+class SweepResult:
+    records: list[TrialRecord]
+    best: dict[tuple[str, str], TrialRecord]
+    files: dict[str, str]                    # results.md/.csv/.json URLs
+    predictions: dict[tuple[str, str], str]  # (row, task) -> the winner's predictions folder
+    markdown: str
+    experiment: str                          # Tune's experiment directory
+    resources: dict[str, float]
+    elapsed_s: float
+
+
+def _storage(output: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for `tune.RunConfig` from a local path or fsspec URL."""
+    if _is_local(output):
+        return os.path.join(_absolute(output), "tune"), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(output)
+    return path.rstrip("/") + "/tune", PyFileSystem(FSSpecHandler(fs))
+
+
+def _status(result: Any, epochs: int) -> str:
+    if result.error is not None:
+        return FAILED
+    return OK if result.metrics.get("epoch", 0) >= epochs else STOPPED
+
+
+def _failed_attempts(result: Any) -> int:
+    """How many attempts of the trial raised: Tune appends one "Failure # n" entry per failure to
+    the trial directory's error.txt, also for trials that later succeeded on a retry."""
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/error.txt") as f:
+            return f.read().decode("utf-8", "replace").count("Failure # ")
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Ray wraps the trial's exception: keep its own last line (type and message) first.
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tuning results") -> SweepResult:
+    """Run every trial of `cfg` on the connected Ray cluster (call `ray.init` first) and write the results."""
+    import ray
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    started = time.perf_counter()
+    specs = resolve_tasks(cfg.tasks)
+    rows = resolve_rows(cfg)
+    check_data(specs, _absolute(cfg.data))
+    resources = trial_resources(cfg, ray.cluster_resources())
+    output = _absolute(cfg.output)
+    cache_dir = cfg.cache_dir or (os.path.join(output, "cache") if _is_local(output)
+                                  else os.path.join(tempfile.gettempdir(), "bertray-cache"))
+    trials = trial_configs(cfg, rows, specs, cache_dir=_absolute(cache_dir),
+                           threads=max(1, int(resources["cpu"])))
+    max_epochs = max(t["trial"]["epochs"] for t in trials)
+    storage_path, storage_fs = _storage(output)
+    experiment = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    log.info("%d trials (%s), %s per trial, experiment %s", len(trials), ", ".join(s.name for s in specs),
+             resources, experiment)
+
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=1, reduction_factor=2)
+                 if cfg.scheduler == "asha" else None)
+    tuner = tune.Tuner(
+        tune.with_resources(finetune_trial, resources),
+        param_space={"job": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=cfg.max_concurrent_trials or None,
+                                    trial_dirname_creator=lambda t: f"{t.config['job']['trial']['task']}_{t.trial_id}"),
+        run_config=tune.RunConfig(name=experiment, storage_path=storage_path, storage_filesystem=storage_fs,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  verbose=verbose),
+    )
+    grid = tuner.fit()
+
+    records = []
+    for result in grid:
+        job = (result.config or {}).get("job") or {}
+        trial = job.get("trial", {})
+        reported = result.metrics or {}
+        metrics = {k: v for k, v in reported.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_KEYS}
+        records.append(TrialRecord(
+            row=job.get("row", "?"), task=trial.get("task", "?"), trial_id=str(reported.get("trial_id", "")),
+            status=_status(result, trial.get("epochs", 0)),
+            config={k: trial.get(k) for k in tables.GRID_KEYS}, metrics=metrics, error=_error_text(result.error),
+            predictions=result.checkpoint.path if result.checkpoint is not None else None,
+            failures=_failed_attempts(result)))
+    row_order = {row.label: i for i, row in enumerate(rows)}
+    task_order = {spec.name: i for i, spec in enumerate(specs)}
+    records.sort(key=lambda r: (row_order.get(r.row, len(rows)), task_order.get(r.task, len(specs)),
+                                *(r.config.get(k) or 0 for k in tables.GRID_KEYS)))
+    best = tables.select_best(records)
+    predictions = _collect_predictions(best, grid, output, single_row=len(rows) == 1) if cfg.predictions else {}
+    for key, folder in predictions.items():
+        best[key].predictions = folder
+    setting = {**to_mapping(cfg), "rows": [dataclasses.asdict(r) for r in rows], "resources_per_trial": resources,
+               "experiment": f"{storage_path}/{experiment}"}
+    notes = [_setting_note(cfg, rows, specs, resources, len(trials))]
+    files = tables.write_results(records, output, setting=setting, title=title, notes=notes)
+    return SweepResult(records=records, best=best, files=files, predictions=predictions,
+                       markdown=tables.markdown(records, title=title, notes=notes),
+                       experiment=f"{storage_path}/{experiment}", resources=resources,
+                       elapsed_s=time.perf_counter() - started)
+
+
+_TUNE_KEYS = frozenset({"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration",
+                        "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "done"})
+
+
+def _collect_predictions(best: dict[tuple[str, str], TrialRecord], grid: Any, output: str, *,
+                         single_row: bool) -> dict[tuple[str, str], str]:
+    """Copy each winner's prediction files (its Tune checkpoint) to <output>/predictions/[<row>/]<task>/."""
+    by_id = {str((r.metrics or {}).get("trial_id", "")): r for r in grid}
+    out = {}
+    fs, root = fsspec.core.url_to_fs(output)
+    for (row, task), record in best.items():
+        result = by_id.get(record.trial_id)
+        if result is None or result.checkpoint is None:
+            continue
+        folder = f"{root.rstrip('/')}/predictions/" + (task if single_row else f"{tables.slug(row)}/{task}")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = result.checkpoint.to_directory(os.path.join(tmp, "files"))
+            if fs.exists(folder):
+                fs.rm(folder, recursive=True)
+            fs.makedirs(folder, exist_ok=True)
+            for name in sorted(os.listdir(local)):
+                if os.path.isfile(os.path.join(local, name)) and not name.startswith("."):
+                    fs.put_file(os.path.join(local, name), f"{folder}/{name}")
+        out[(row, task)] = fs.unstrip_protocol(folder) if not _is_local(output) else folder
+    return out
+
+
+def _setting_note(cfg: FinetuneConfig, rows: Sequence[Row], specs: Sequence[TaskSpec], resources: dict[str, float],
+                  n_trials: int) -> str:
+    grids = "; ".join(
+        f"{s.name}: lr {{{', '.join(f'{x:g}' for x in (cfg.learning_rates or s.grid.learning_rates))}}} x batch "
+        f"{{{', '.join(map(str, cfg.batch_sizes or s.grid.batch_sizes))}}} x epochs "
+        f"{{{', '.join(map(str, cfg.epochs or s.grid.epochs))}}}" for s in specs)
+    limits = []
+    if cfg.max_train_examples:
+        limits.append(f"first {cfg.max_train_examples:,} training examples")
+    if cfg.max_eval_examples:
+        limits.append(f"first {cfg.max_eval_examples:,} dev examples")
+    if cfg.max_seq_len:
+        limits.append(f"max_seq_len {cfg.max_seq_len}")
+    return (f"Setting: {n_trials} trials; data {cfg.data}; seeds {list(cfg.seeds)}; grid {grids}"
+            + (f"; {', '.join(limits)}" if limits else "")
+            + f"; AdamW (weight decay {cfg.weight_decay:g}), warmup {cfg.warmup_proportion:.0%} then linear decay, "
+              f"dropout {cfg.dropout}; per trial {resources}. Rows: "
+            + "; ".join(f"{r.label} = {'random weights, architecture of ' if r.random_init else ''}{r.checkpoint}"
+                        for r in rows) + ". Cells are dev-set scores (percent) of the best grid point per task.")
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> FinetuneConfig:
+    """FinetuneConfig from an optional YAML file (flat keys) and overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of FinetuneConfig keys")
+    data.update(overrides)
+    try:
+        return from_mapping(FinetuneConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+__all__ = ["FinetuneConfig", "Row", "SweepResult", "check_data", "finetune_trial", "load_config", "resolve_rows",
+           "run_sweep", "trial_configs", "trial_resources"]

@@ -1,0 +1,259 @@
+"""The results of a fine-tuning sweep: one record per trial, the winner per (checkpoint, task) on
+the dev metric, and the tables in the paper's layout (markdown), plus csv and json of every trial.
+
+Pure Python (no Ray): `bertray.tune.finetune` turns Tune's `ResultGrid` into `TrialRecord`s and
+calls `write_results`.
+
+Layout of `results.md`:
+- one table per paper table present: GLUE (Table 1), SQuAD 1.1 (Table 2), SQuAD 2.0 (Table 3),
+  SWAG (Table 4), CoNLL-2003 (Table 7); rows are the checkpoints, columns the tasks' paper columns
+  (MNLI shows matched/mismatched accuracy, QQP and MRPC F1, STS-B Spearman, CoLA Matthews corr.,
+  SQuAD EM/F1, CoNLL-2003 dev/test F1) and GLUE's "Average";
+- the winning grid point of every (checkpoint, task) with all its dev metrics;
+- every failed trial with its error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import fsspec
+
+from bertray.tasks.registry import TASKS, TaskSpec
+
+OK, STOPPED, FAILED = "OK", "STOPPED", "FAILED"
+GRID_KEYS = ("learning_rate", "batch_size", "epochs", "seed")
+
+
+@dataclass
+class TrialRecord:
+    """One trial: which checkpoint row and grid point, how it ended, its last reported metrics."""
+
+    row: str                             # the checkpoint's label (a row of the paper tables)
+    task: str
+    trial_id: str
+    status: str                          # OK, STOPPED (early, by the scheduler) or FAILED
+    config: dict[str, Any]               # learning_rate, batch_size, epochs, seed
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    predictions: str | None = None       # where the trial's prediction files are (its Tune checkpoint)
+    failures: int = 0                    # attempts that raised (Tune reran the trial after each, up to max_failures)
+
+    @property
+    def score(self) -> float | None:
+        value = self.metrics.get("score")
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+
+
+def select_best(records: Iterable[TrialRecord]) -> dict[tuple[str, str], TrialRecord]:
+    """The winner per (row, task): the highest `score` (the task's primary metric on its first dev
+    split) among trials that did not fail; ties go to the earlier trial. Stopped trials compete
+    with the score they reached, as ASHA intends."""
+    best: dict[tuple[str, str], TrialRecord] = {}
+    for record in records:
+        if record.status == FAILED or record.score is None:
+            continue
+        key = (record.row, record.task)
+        if key not in best or record.score > best[key].score:
+            best[key] = record
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+# Which tasks go in which table of the paper, and the GLUE average's members.
+PAPER_TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("GLUE dev (paper Table 1 layout)", ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte", "wnli")),
+    ("SQuAD 1.1 dev (Table 2)", ("squad1",)),
+    ("SQuAD 2.0 dev (Table 3)", ("squad2",)),
+    ("SWAG dev (Table 4)", ("swag",)),
+    ("CoNLL-2003 NER (Table 7)", ("conll2003", "conll2003_feature")),
+)
+GLUE_AVERAGE_EXCLUDES = ("wnli",)    # the paper's footnote: WNLI is left out of the average
+
+
+def cell_values(spec: TaskSpec, metrics: Mapping[str, Any]) -> list[float | None]:
+    """The numbers a paper column shows for one task: the primary metric of each dev split
+    (MNLI m/mm, CoNLL dev/test), or EM and F1 for SQuAD."""
+    if spec.family == "span":
+        return [_number(metrics.get(f"{spec.dev_splits[0]}_{k}")) for k in ("exact_match", "f1")]
+    return [_number(metrics.get(f"{split}_{spec.metric}")) for split in spec.dev_splits]
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _fmt(values: Sequence[float | None]) -> str:
+    return "/".join("-" if v is None else f"{v:.1f}" for v in values)
+
+
+def column_header(spec: TaskSpec) -> str:
+    if spec.family == "token":
+        return f"{spec.column} dev/test"
+    return spec.column
+
+
+def paper_tables(best: Mapping[tuple[str, str], TrialRecord], rows: Sequence[str],
+                 tasks: Sequence[str]) -> str:
+    """Markdown tables in the paper's layout for the tasks that were run."""
+    out = []
+    for title, members in PAPER_TABLES:
+        present = [t for t in members if t in tasks]
+        if not present:
+            continue
+        glue = members[0] == "mnli"
+        header = ["checkpoint", *(column_header(TASKS[t]) for t in present)]
+        averaged = [t for t in present if t not in GLUE_AVERAGE_EXCLUDES]
+        with_average = glue and len(averaged) > 1
+        if with_average:
+            header.append("Average")
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            cells, numbers = [row], []
+            for task in present:
+                record = best.get((row, task))
+                values = cell_values(TASKS[task], record.metrics) if record else [None]
+                cells.append(_fmt(values))
+                if task in averaged:
+                    numbers.extend(values)
+            if with_average:
+                complete = numbers and all(v is not None for v in numbers)
+                cells.append(f"{sum(numbers) / len(numbers):.1f}" if complete else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        if with_average:
+            lines += ["", f"Average: mean of the numbers shown, MNLI-m and -mm counted separately as in the "
+                          f"paper's Table 1, {', '.join(t.upper() for t in GLUE_AVERAGE_EXCLUDES)} left out."]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _metric_summary(spec: TaskSpec, metrics: Mapping[str, Any]) -> str:
+    """All dev metrics of a trial, `dev accuracy 91.2, ...` (breakdowns by entity type left out)."""
+    parts = []
+    for split in spec.dev_splits:
+        for name in spec.metrics:
+            value = _number(metrics.get(f"{split}_{name}"))
+            if value is not None:
+                parts.append(f"{split} {name} {value:.2f}")
+    return ", ".join(parts)
+
+
+def winners_table(best: Mapping[tuple[str, str], TrialRecord], records: Sequence[TrialRecord]) -> str:
+    header = ["checkpoint", "task", "lr", "batch", "epochs", "seed", "trials ok/failed", "dev metrics of the winner"]
+    lines = ["### Winning grid points (selected on " + "the first dev split's primary metric)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    counts: dict[tuple[str, str], list[int]] = {}
+    for r in records:
+        c = counts.setdefault((r.row, r.task), [0, 0])
+        c[r.status == FAILED] += 1
+    for (row, task), (ok, failed) in counts.items():
+        record = best.get((row, task))
+        if record is None:
+            lines.append(f"| {row} | {task} | - | - | - | - | {ok}/{failed} | no trial finished |")
+            continue
+        c = record.config
+        lines.append(f"| {row} | {task} | {c['learning_rate']:g} | {c['batch_size']} | {c['epochs']} | "
+                     f"{c['seed']} | {ok}/{failed} | {_metric_summary(TASKS[task], record.metrics)} |")
+    return "\n".join(lines)
+
+
+def failures_table(records: Sequence[TrialRecord]) -> str:
+    """Trials that failed for good, and trials that succeeded only after a retry."""
+    failed = [r for r in records if r.status == FAILED or r.failures]
+    if not failed:
+        return ""
+    lines = ["### Failed and retried trials", "",
+             "| checkpoint | task | trial | lr | batch | epochs | seed | status | failed attempts | error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in failed:
+        c = r.config
+        error = (r.error or "").strip().splitlines()
+        message = _escape(error[-1] if error else "-" if r.status != FAILED else "unknown error")
+        lines.append(f"| {r.row} | {r.task} | {r.trial_id} | {c['learning_rate']:g} | {c['batch_size']} | "
+                     f"{c['epochs']} | {c['seed']} | {r.status} | {r.failures} | {message} |")
+    return "\n".join(lines)
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")[:300]
+
+
+def markdown(records: Sequence[TrialRecord], *, title: str = "Fine-tuning results", notes: Sequence[str] = ()) -> str:
+    best = select_best(records)
+    rows = list(dict.fromkeys(r.row for r in records))
+    tasks = list(dict.fromkeys(r.task for r in records))
+    parts = [f"# {title}", *(n for n in notes if n), paper_tables(best, rows, tasks), winners_table(best, records),
+             failures_table(records)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+_CSV_FIRST = ("row", "task", "trial_id", "status", "failures", *GRID_KEYS, "score", "epoch", "train_loss")
+
+
+def to_csv(records: Sequence[TrialRecord]) -> str:
+    """Every trial: grid point, status, every metric it reported last (union of keys), error."""
+    metric_keys = sorted({k for r in records for k, v in r.metrics.items()
+                          if isinstance(v, (int, float)) and k not in _CSV_FIRST})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*_CSV_FIRST, *metric_keys, "error"])
+    for r in records:
+        head = [r.row, r.task, r.trial_id, r.status, r.failures, *(r.config.get(k) for k in GRID_KEYS),
+                r.metrics.get("score"), r.metrics.get("epoch"), r.metrics.get("train_loss")]
+        error = (r.error or "").strip().splitlines()
+        writer.writerow([*("" if v is None else v for v in head), *(r.metrics.get(k, "") for k in metric_keys),
+                         error[-1] if error else ""])
+    return buffer.getvalue()
+
+
+def to_json(records: Sequence[TrialRecord], setting: Mapping[str, Any] | None = None) -> str:
+    best = select_best(records)
+    data = {
+        "setting": dict(setting or {}),
+        "best": [{"row": row, "task": task, "trial_id": r.trial_id, "config": r.config,
+                  "score": r.score, "metrics": _clean(r.metrics)} for (row, task), r in best.items()],
+        "trials": [{**asdict(r), "metrics": _clean(r.metrics)} for r in records],
+    }
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()
+            if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def write_results(records: Sequence[TrialRecord], output: str, *, setting: Mapping[str, Any] | None = None,
+                  title: str = "Fine-tuning results", notes: Sequence[str] = ()) -> dict[str, str]:
+    """Write results.md, results.csv and results.json under `output` (local path or fsspec URL);
+    returns {kind: url}."""
+    text = {"md": markdown(records, title=title, notes=notes), "csv": to_csv(records),
+            "json": to_json(records, setting)}
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    paths = {}
+    for kind, content in text.items():
+        path = f"{root.rstrip('/')}/results.{kind}"
+        with fs.open(path, "w", encoding="utf-8") as f:
+            f.write(content)
+        paths[kind] = fs.unstrip_protocol(path) if "://" in output else path
+    return paths
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of a row label."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "row"

@@ -1,0 +1,514 @@
+"""One fine-tuning trial, without Ray: featurize a task, train its head, score the dev sets each epoch.
+
+This is the loop the paper describes in section 4 and appendix A.3, for every family of the task
+table (`bertray.tasks.registry`):
+
+    model     = the task's head over the checkpoint's encoder (fresh weights with `random_init`)
+    optimizer = AdamW, weight decay 0.01 except LayerNorm and biases, gradients clipped at 1.0
+    schedule  = linear warmup over the first 10% of steps, then linear decay to 0
+    dropout   = 0.1 everywhere (the checkpoint's own values are replaced)
+    each epoch: one pass over the shuffled training features (shuffled by (seed, epoch)), then
+                every labelled dev split is scored with the task's official metrics
+
+`finetune(TrialConfig(...), report=...)` calls `report(metrics, files)` after every epoch; `files`
+is a directory with the epoch's prediction files on the last epoch (None before), which the Ray
+Tune trial attaches to its final report as a checkpoint so that the driver can collect the winner's
+predictions from any node. Tests and benchmarks call it directly.
+
+Speed-only settings (they do not change the result beyond float rounding): each batch is cut to
+its longest real sequence (trailing padding carries no information under the attention mask, the
+same as Hugging Face's dynamic padding), featurized arrays are cached on disk per (task, split,
+file, max_seq_len, limit, tokenizer) and in memory per process, and a remote checkpoint is
+downloaded once per machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import fsspec
+import numpy as np
+import torch
+
+from bertray.config import BertConfig, check
+from bertray.errors import CheckpointError, TaskDataError
+from bertray.tasks.registry import TASKS, TaskSpec
+
+log = logging.getLogger("bertray.tune")
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+FEATURE_CACHE_VERSION = 1
+# The files a fine-tuning run needs from a checkpoint directory; training state (optimizer
+# moments: twice the model) stays behind.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json",
+                    "tokenizer_config.json")
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by a trial whose `fail` option is set (tests of failure reporting)."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs; plain values, so Ray can ship it to any node."""
+
+    task: str
+    init_from: str                       # checkpoint directory: local path or fsspec URL (s3://...)
+    data: str                            # root of the standard task layouts: local path or fsspec URL
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    seed: int = 0
+    random_init: bool = False            # same architecture (the checkpoint's config.json), fresh weights
+    max_seq_len: int | None = None       # None: the task's (GLUE 128, SQuAD 384)
+    max_train_examples: int | None = None    # the first N training examples (quick runs)
+    max_eval_examples: int | None = None     # the first N examples of each dev/test split
+    warmup_proportion: float = 0.1
+    weight_decay: float = 0.01
+    dropout: float | None = 0.1          # None: keep the checkpoint's dropout
+    adam_eps: float = 1e-6
+    clip_grad_norm: float = 1.0
+    eval_batch_size: int = 128
+    threads: int = 0                     # torch intra-op threads on CPU (0: leave torch's default)
+    cache_dir: str | None = None         # feature and checkpoint cache (local); None: a temp folder
+    predictions: bool = True             # write prediction files on the last epoch
+    save_model: bool = False             # also put the fine-tuned model into the files of the last epoch
+    fail: bool = False                   # fault injection: raise InjectedFault before training
+
+    def __post_init__(self) -> None:
+        check(self.task in TASKS, "task", f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        check(self.max_seq_len is None or 8 <= self.max_seq_len <= 512, "max_seq_len",
+              f"must be in [8, 512] or null, got {self.max_seq_len}")
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            check(value is None or value > 0, key, f"must be > 0 or null, got {value}")
+        check(0 <= self.warmup_proportion < 1, "warmup_proportion", f"must be in [0, 1), got {self.warmup_proportion}")
+        check(self.dropout is None or 0 <= self.dropout < 1, "dropout",
+              f"must be in [0, 1) or null, got {self.dropout}")
+        check(self.eval_batch_size > 0, "eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.task]
+
+
+@dataclass
+class TrialOutcome:
+    """What `finetune` returns: per-epoch metrics (the last entry is the trial's result)."""
+
+    history: list[dict[str, Any]]
+    model: torch.nn.Module
+    elapsed_s: float
+    train_examples_per_s: float
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.history[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and data
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bertray-cache"
+
+
+def local_checkpoint(url: str, cache_dir: str | None = None) -> Path:
+    """A local directory holding the checkpoint at `url`.
+
+    Local paths are used in place. A remote URL (s3://, gs://, ...) is downloaded once per machine
+    into `<cache>/checkpoints/<hash of url>`: into a temporary folder first, then renamed, so
+    trials starting together on one node never see a half-written copy (the loser of the race
+    uses the winner's folder). Only the model and tokenizer files are fetched.
+    """
+    if _is_local(url):
+        path = Path(url.removeprefix("file://"))
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: no config.json here; pass a checkpoint directory in the Hugging Face "
+                                  f"layout (on a multi-node cluster a local path must exist on every node; "
+                                  f"put checkpoints in object storage, s3://...)")
+        return path
+    target = _cache_root(cache_dir) / "checkpoints" / hashlib.sha1(url.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        names = {os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
+    except FileNotFoundError:
+        names = set()
+    if "config.json" not in names:
+        raise CheckpointError(f"{url}: no config.json there; pass a checkpoint directory in the Hugging Face layout")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        for name in CHECKPOINT_FILES:
+            if name in names:
+                fs.get(f"{root.rstrip('/')}/{name}", str(staging / name))
+        try:
+            os.rename(staging, target)
+        except OSError:                   # another trial on this machine finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("checkpoint %s -> %s", url, target)
+    return target
+
+
+_MEMORY: dict[str, tuple[list, dict[str, np.ndarray]]] = {}
+
+
+def _file_key(path: str) -> str:
+    fs, root = fsspec.core.url_to_fs(path)
+    info = fs.info(root)
+    return f"{path}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+
+
+def load_split(spec: TaskSpec, root: str, split: str, tokenizer, max_seq_len: int, *, limit: int | None = None,
+               cache_dir: str | None = None, need_examples: bool = True,
+               **options: Any) -> tuple[list | None, dict[str, np.ndarray]]:
+    """Examples and fixed-shape features of one split (the first `limit` examples).
+
+    Features are cached: in memory per process and as `.npz` under `<cache>/features/`, keyed by
+    the task, the file (path, size, mtime), `max_seq_len`, `limit`, the featurizer options and the
+    tokenizer. With `need_examples=False` (training) a cache hit skips reading the file; evaluation
+    needs the examples (gold labels, contexts) and always reads it.
+    """
+    path = spec.path(root, split)
+    try:
+        file_key = _file_key(path)
+    except FileNotFoundError:
+        raise TaskDataError(f"{path}: no such file; {spec.name} expects {spec.data_dir}/"
+                            f"{{{','.join(spec.files.values())}}} under the data root {root}") from None
+    key = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, spec.name, split, file_key, max_seq_len, limit,
+                                   sorted(options.items()), hashlib.sha1(tokenizer.to_str().encode()).hexdigest()],
+                                  default=str).encode()).hexdigest()[:20]
+    if key in _MEMORY:
+        examples, features = _MEMORY[key]
+        if examples is not None or not need_examples:
+            return examples, features
+    disk = _cache_root(cache_dir) / "features" / f"{spec.name}-{split}-{key}.npz"
+    examples = features = None
+    if need_examples or not disk.is_file():
+        examples, _ = spec.read(root, split)
+        examples = examples[:limit] if limit else examples
+    if disk.is_file():
+        with np.load(disk) as data:
+            features = {k: data[k] for k in data.files}
+    else:
+        features = spec.featurize(examples, tokenizer, max_seq_len, **options)
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=disk.name, suffix=".npz", dir=disk.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **features)
+        os.replace(tmp, disk)              # atomic: concurrent trials never read a partial file
+    _MEMORY[key] = (examples, features)
+    return examples, features
+
+
+def _split_exists(spec: TaskSpec, root: str, split: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(spec.path(root, split))
+    return fs.isfile(path)
+
+
+@dataclass
+class EvalSet:
+    split: str
+    labelled: bool                       # a dev split (scored) or a test split (predictions only)
+    examples: list
+    features: dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def head_class(spec: TaskSpec):
+    from bertray.model import heads
+
+    if spec.family == "token":
+        return heads.BertFeatureBasedTagger if spec.feature_based else heads.BertForTokenClassification
+    return {"classification": heads.BertForSequenceClassification,
+            "regression": heads.BertForSequenceClassification,
+            "span": heads.BertForQuestionAnswering,
+            "multiple_choice": heads.BertForMultipleChoice}[spec.family]
+
+
+def config_overrides(spec: TaskSpec, dropout: float | None) -> dict[str, Any]:
+    """Label names for the head (one output for regression) and the fine-tuning dropout."""
+    out: dict[str, Any] = {}
+    if spec.family in ("classification", "token"):
+        out["id2label"] = dict(enumerate(spec.labels))
+    elif spec.family == "regression":
+        out["id2label"] = {0: "score"}
+    if dropout is not None:
+        out.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return out
+
+
+def build_model(spec: TaskSpec, checkpoint: str | os.PathLike, *, random_init: bool = False,
+                dropout: float | None = 0.1) -> torch.nn.Module:
+    """The task's head over the checkpoint's encoder; with `random_init` the same architecture
+    (the checkpoint's config.json, including `is_decoder`/causal attention) with fresh weights.
+    Seed torch before calling: the head (and, with `random_init`, everything) is drawn from it."""
+    cls = head_class(spec)
+    overrides = config_overrides(spec, dropout)
+    config = BertConfig.from_json_file(Path(checkpoint) / "config.json").replace(**overrides)
+    sizes = {}
+    if spec.feature_based:    # the paper's last four layers; all of them in a smaller encoder
+        sizes["num_feature_layers"] = min(4, config.num_hidden_layers)
+    if random_init:
+        return cls(config, **sizes)
+    return cls.from_pretrained(checkpoint, **sizes, **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+_SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def target_keys(spec: TaskSpec) -> tuple[str, ...]:
+    return ("start_positions", "end_positions") if spec.family == "span" else ("labels",)
+
+
+def make_batch(spec: TaskSpec, features: Mapping[str, np.ndarray], index: np.ndarray, device: torch.device,
+               *, targets: bool = True) -> dict[str, torch.Tensor]:
+    """Model inputs for the rows `index`, cut to the longest real sequence among them."""
+    mask = features["attention_mask"][index]
+    length = max(1, int(mask.reshape(-1, mask.shape[-1]).sum(-1).max()))
+    batch = {k: torch.from_numpy(np.ascontiguousarray(features[k][index][..., :length])).long()
+             for k in _SEQUENCE_KEYS}
+    if targets:
+        for key in target_keys(spec):
+            value = features[key][index]
+            if spec.family == "token":
+                value = value[..., :length]
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            batch[key] = tensor.float() if spec.family == "regression" else tensor.long()
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, spec: TaskSpec, features: Mapping[str, np.ndarray], *,
+            batch_size: int = 128, device: torch.device | None = None) -> dict[str, np.ndarray]:
+    """Model outputs over all features, in feature order, padded back to the features' length:
+    `{"logits": ...}` or, for span tasks, `{"start_logits", "end_logits"}` (what `spec.evaluate` takes)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n, seq_len = len(features["input_ids"]), features["input_ids"].shape[-1]
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, batch_size):
+        batch = make_batch(spec, features, np.arange(start, min(n, start + batch_size)), device, targets=False)
+        with _autocast(device):
+            out = model(**batch)
+        pieces = ({"start_logits": out.start_logits, "end_logits": out.end_logits} if spec.family == "span"
+                  else {"logits": out.logits})
+        for key, value in pieces.items():
+            value = value.float().cpu().numpy()
+            if spec.family in ("span", "token") and value.shape[1] < seq_len:   # back to the full length
+                pad = [(0, 0)] * value.ndim
+                pad[1] = (0, seq_len - value.shape[1])
+                value = np.pad(value, pad, constant_values=-1e4 if spec.family == "span" else 0.0)
+            parts.setdefault(key, []).append(value)
+    model.train(was_training)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The trial
+
+
+def flat_metrics(split: str, scores: Mapping[str, Any]) -> dict[str, float]:
+    """`{"dev_accuracy": 91.2, ...}`: numeric metrics prefixed by their split (thresholds,
+    counts and per-type breakdowns included, as the task's evaluate returns them)."""
+    return {f"{split}_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float, np.number))}
+
+
+def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.device | str | None = None,
+             files_dir: str | None = None) -> TrialOutcome:
+    """Run one trial; `report(metrics, files)` after every epoch (see the module docstring).
+
+    Metrics per epoch: `score` (the task's primary metric on its first dev split; the key Tune
+    selects and schedules on), `epoch`, `train_loss`, `step`, `{split}_{metric}` for every dev
+    split, `train_examples_per_s`, `elapsed_s`. `files_dir` (default: a temporary folder) receives
+    the prediction files of the last epoch.
+    """
+    if cfg.fail:
+        raise InjectedFault(f"injected failure for {cfg.task} (lr={cfg.learning_rate:g}, batch={cfg.batch_size}, "
+                            f"epochs={cfg.epochs}, seed={cfg.seed})")
+    started = time.perf_counter()
+    spec = cfg.spec
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from bertray import tokenizer as wordpiece
+
+    checkpoint = local_checkpoint(cfg.init_from, cfg.cache_dir)
+    tokenizer = wordpiece.load(checkpoint)
+    max_seq_len = cfg.max_seq_len or spec.max_seq_len
+    train_options = {"keep_offsets": False} if spec.family == "span" else {}
+    _, train = load_split(spec, cfg.data, "train", tokenizer, max_seq_len, limit=cfg.max_train_examples,
+                          cache_dir=cfg.cache_dir, need_examples=False, **train_options)
+    eval_sets = [EvalSet(split, split in spec.dev_splits,
+                         *load_split(spec, cfg.data, split, tokenizer, max_seq_len, limit=cfg.max_eval_examples,
+                                     cache_dir=cfg.cache_dir))
+                 for split in (*spec.dev_splits, *(s for s in spec.test_splits
+                                                   if cfg.predictions and _split_exists(spec, cfg.data, s)))]
+    n_train = len(train["input_ids"])
+    if n_train == 0:
+        raise TaskDataError(f"{spec.name}: no training features under {cfg.data}")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, checkpoint, random_init=cfg.random_init, dropout=cfg.dropout).to(device)
+    from bertray.train.optim import make_optimizer, warmup_linear_decay
+
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = make_optimizer(model, "adamw", lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                               betas=(0.9, 0.999), eps=cfg.adam_eps)
+    scheduler = warmup_linear_decay(optimizer, warmup_steps=int(cfg.warmup_proportion * total_steps),
+                                    total_steps=total_steps)
+    log.info("%s: %d training features, %d steps (%d epochs x %d), lr %g, batch %d, seed %d, %s%s",
+             spec.name, n_train, total_steps, cfg.epochs, steps_per_epoch, cfg.learning_rate, cfg.batch_size,
+             cfg.seed, checkpoint, " (random init)" if cfg.random_init else "")
+
+    history: list[dict[str, Any]] = []
+    step, seen, train_time = 0, 0, 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
+        losses = []
+        tick = time.perf_counter()
+        for start in range(0, n_train, cfg.batch_size):
+            batch = make_batch(spec, train, order[start:start + cfg.batch_size], device)
+            with _autocast(device):
+                loss = model(**batch).loss
+            loss.backward()
+            if cfg.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            step += 1
+            seen += len(batch["input_ids"])
+        train_time += time.perf_counter() - tick
+        train_loss = float(torch.stack(losses).float().mean())
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{spec.name}: training loss is {train_loss} in epoch {epoch}; "
+                                     f"lower the learning rate ({cfg.learning_rate:g})")
+        metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": train_loss}
+        outputs = {}
+        for s in eval_sets:
+            outputs[s.split] = predict(model, spec, s.features, batch_size=cfg.eval_batch_size, device=device)
+            if s.labelled:
+                metrics.update(flat_metrics(s.split, spec.evaluate(s.examples, s.features, outputs[s.split])))
+        metrics["score"] = metrics[f"{spec.dev_splits[0]}_{spec.metric}"]
+        metrics["train_examples_per_s"] = seen / max(train_time, 1e-9)
+        metrics["elapsed_s"] = time.perf_counter() - started
+        history.append(metrics)
+        log.info("%s epoch %d: train_loss %.4f, %s %.2f", spec.name, epoch, train_loss,
+                 f"{spec.dev_splits[0]}_{spec.metric}", metrics["score"])
+        files = None
+        if epoch == cfg.epochs and (cfg.predictions or cfg.save_model):
+            files = files_dir or tempfile.mkdtemp(prefix=f"bertray-{spec.name}-")
+            os.makedirs(files, exist_ok=True)
+            if cfg.predictions:
+                for s in eval_sets:
+                    write_predictions(spec, s, outputs[s.split], files)
+            if cfg.save_model:
+                model.save_pretrained(Path(files) / "model")
+                wordpiece.save(tokenizer, Path(files) / "model")
+            with open(Path(files) / "metrics.json", "w", encoding="utf-8") as f:
+                json.dump({"trial": dataclasses.asdict(cfg), "history": history}, f, indent=2)
+        if report is not None:
+            report(metrics, files)
+    return TrialOutcome(history=history, model=model, elapsed_s=time.perf_counter() - started,
+                        train_examples_per_s=seen / max(train_time, 1e-9))
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction files
+
+
+def write_predictions(spec: TaskSpec, s: EvalSet, outputs: Mapping[str, np.ndarray], directory: str) -> list[str]:
+    """The split's predictions in the task's customary format; GLUE test splits as the benchmark
+    server's submission files (`SST-2.tsv`, `MNLI-m.tsv`, ...). Returns the paths written."""
+    from bertray.tasks import glue, squad
+
+    directory = str(directory)
+    if spec.family in ("classification", "regression"):
+        predictions = spec.decode(s.examples, s.features, outputs)
+        if not s.labelled:
+            return [glue.write_submission(spec.name, predictions, directory, s.split, s.examples)]
+        rows = [("index", "prediction", "label")] + [(e.guid, _text(p), _text(e.label))
+                                                      for e, p in zip(s.examples, predictions)]
+        return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
+    if spec.family == "span":
+        predictions, odds = squad.decode_squad(s.examples, s.features, outputs["start_logits"],
+                                               outputs["end_logits"], allow_no_answer=spec.allow_no_answer)
+        paths = [f"{directory}/{s.split}_predictions.json"]
+        squad.write_predictions(predictions, paths[0])
+        if odds:
+            paths.append(f"{directory}/{s.split}_null_odds.json")
+            squad.write_predictions(odds, paths[1])
+        return paths
+    if spec.family == "multiple_choice":
+        predictions = spec.decode(s.examples, s.features, outputs)
+        rows = [("guid", "prediction", "label")] + [(e.guid, str(p), "" if e.label is None else str(e.label))
+                                                    for e, p in zip(s.examples, predictions)]
+        return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
+    # token: conlleval's input, "word gold predicted" per line, a blank line between sentences
+    predictions = spec.decode(s.examples, s.features, outputs)
+    path = f"{directory}/{s.split}_predictions.txt"
+    with open(path, "w", encoding="utf-8") as f:
+        for example, tags in zip(s.examples, predictions):
+            f.writelines(f"{w} {g} {p}\n" for w, g, p in zip(example.words, example.tags, tags))
+            f.write("\n")
+    return [path]
+
+
+def _text(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _write_tsv(path: str, rows: Sequence[Sequence[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(rows)
+    Path(path).write_text(buffer.getvalue(), encoding="utf-8")
+    return path
+
+
+__all__ = ["TrialConfig", "TrialOutcome", "InjectedFault", "finetune", "build_model", "head_class", "predict",
+           "make_batch", "load_split", "local_checkpoint", "write_predictions", "flat_metrics"]

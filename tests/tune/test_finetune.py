@@ -1,0 +1,204 @@
+"""The sweep on Ray Tune (flows/finetune.py -> bertray.tune.finetune): grid construction, trial
+resources, checkpoint resolution, and real Tune runs on the local 2-CPU cluster with a failing trial."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import pathlib
+
+import pytest
+
+from bertray.errors import CheckpointError, ConfigError
+from bertray.tasks.registry import TASKS, resolve_tasks
+from bertray.tune import finetune as ft
+from bertray.tune.finetune import FinetuneConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _flow():
+    spec = importlib.util.spec_from_file_location("finetune_flow", REPO / "flows" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_default_grid_is_the_papers_and_flags_override_it():
+    cfg = FinetuneConfig(tasks="mrpc,squad2", seeds=(0, 1))
+    assert cfg.grid(TASKS["mrpc"]) == [{"learning_rate": lr, "batch_size": 32, "epochs": 3, "seed": s}
+                                       for lr in (5e-5, 4e-5, 3e-5, 2e-5) for s in (0, 1)]
+    assert cfg.grid(TASKS["squad2"]) == [{"learning_rate": 5e-5, "batch_size": 48, "epochs": 2, "seed": s}
+                                         for s in (0, 1)]
+    small = FinetuneConfig(tasks="mrpc", learning_rates=(1e-4,), batch_sizes=(16, 32), epochs=(1,))
+    assert [(p["batch_size"], p["epochs"]) for p in small.grid(TASKS["mrpc"])] == [(16, 1), (32, 1)]
+
+
+def test_config_is_validated_at_the_edge():
+    with pytest.raises(ConfigError, match="unknown task 'sst3'"):
+        FinetuneConfig(tasks="sst3")
+    with pytest.raises(ConfigError, match="learning_rates"):
+        FinetuneConfig(learning_rates=(0.0,))
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        FinetuneConfig(max_seq_len=4)
+    with pytest.raises(ConfigError, match="fail_trials"):
+        FinetuneConfig(fail_trials=("sst2@fast",))
+    with pytest.raises(ConfigError, match="unknown key 'lr'"):
+        ft.load_config(None, {"lr": [1e-4]})
+    for name in ("finetune-embedded.yaml", "finetune-paper.yaml"):      # the shipped configs load
+        ft.load_config(str(REPO / "flows" / "configs" / name), {})
+
+
+def test_trials_carry_the_row_grid_point_and_fault_injection(tmp_path):
+    cfg = FinetuneConfig(tasks="sst2,mrpc", learning_rates=(1e-4, 3e-5), batch_sizes=(32,), epochs=(2,),
+                         seeds=(0, 7), fail_trials=("mrpc@3e-5",), max_seq_len=64)
+    rows = [ft.Row("ckpt", "/c"), ft.Row(ft.RANDOM_INIT, "/c", random_init=True)]
+    trials = ft.trial_configs(cfg, rows, resolve_tasks(cfg.tasks), cache_dir="/cache", threads=2)
+    assert len(trials) == 2 * 2 * 2 * 2
+    failing = [t for t in trials if t["trial"]["fail"]]
+    assert len(failing) == 2 * 2 and {t["trial"]["task"] for t in failing} == {"mrpc"}
+    assert {t["trial"]["learning_rate"] for t in failing} == {3e-5}
+    first = trials[0]["trial"]
+    assert first["data"] == str(REPO / "samples") or first["data"].endswith("samples")   # made absolute
+    assert first["max_seq_len"] == 64 and first["threads"] == 2 and first["cache_dir"] == "/cache"
+    assert [t["trial"]["random_init"] for t in trials].count(True) == 8
+
+
+@pytest.mark.parametrize("cluster,kw,expected", [
+    ({"CPU": 2.0}, {}, {"cpu": 1.0, "gpu": 0.0}),
+    ({"CPU": 16.0, "GPU": 2.0}, {}, {"cpu": 8.0, "gpu": 1.0}),
+    ({"CPU": 64.0, "GPU": 8.0}, {}, {"cpu": 8.0, "gpu": 1.0}),
+    ({"CPU": 8.0, "GPU": 4.0}, {"cpus_per_trial": 1.0}, {"cpu": 1.0, "gpu": 1.0}),
+    ({"CPU": 8.0}, {"cpus_per_trial": 4.0}, {"cpu": 4.0, "gpu": 0.0}),
+])
+def test_one_gpu_per_trial_when_the_cluster_has_gpus(cluster, kw, expected):
+    assert ft.trial_resources(FinetuneConfig(**kw), cluster) == expected
+
+
+def test_more_resources_than_the_cluster_has_is_an_error():
+    with pytest.raises(ConfigError, match="gpus_per_trial"):
+        ft.trial_resources(FinetuneConfig(gpus_per_trial=1.0), {"CPU": 2.0})
+
+
+def test_rows_follow_run_directories_and_reject_non_checkpoints(tiny_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint_00000200").mkdir(parents=True)
+    for f in tiny_checkpoint.iterdir():
+        (run / "checkpoint_00000200" / f.name).write_bytes(f.read_bytes())
+    (run / "latest").write_text("checkpoint_00000200\n")
+    for given in (run, run / "latest"):
+        cfg = FinetuneConfig(init_from=(str(given),), random_init=True)
+        rows = ft.resolve_rows(cfg)
+        assert [r.label for r in rows] == ["run/checkpoint_00000200", "random init"]
+        assert rows[0].checkpoint == str(run / "checkpoint_00000200") and rows[1].random_init
+    with pytest.raises(CheckpointError, match="has no config.json") as error:
+        ft.resolve_rows(FinetuneConfig(init_from=(str(tmp_path),)))
+    assert "pretrain.py" not in str(error.value)
+
+
+def test_the_default_checkpoint_missing_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="python flows/pretrain.py"):
+        ft.resolve_rows(FinetuneConfig())
+
+
+def test_flow_flags_map_onto_the_config():
+    flow = _flow()
+    args = flow.build_parser().parse_args(["--lr", "5e-5", "3e-5", "--seeds", "3", "--random-init", "--tasks", "glue",
+                                           "--max-seq-len", "64", "--no-predictions", "--scheduler", "asha"])
+    assert flow.overrides_from(args) == {"learning_rates": [5e-5, 3e-5], "seeds": [0, 1, 2], "random_init": True,
+                                         "tasks": "glue", "max_seq_len": 64, "predictions": False,
+                                         "scheduler": "asha"}
+    args = flow.build_parser().parse_args(["--seeds", "0", "42"])
+    assert flow.overrides_from(args) == {"seeds": [0, 42]}
+
+
+def test_flow_without_a_pretraining_checkpoint_says_how_to_make_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flow = _flow()
+    monkeypatch.setattr("bertray.cli.REPO", tmp_path)    # no runs/ in the repository either
+    assert flow.main(["--output", str(tmp_path / "out")]) == 2
+    assert "python flows/pretrain.py" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Tune
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_sweep_over_two_tasks_reports_winners_predictions_and_the_failed_trial(ray_cluster, tiny_checkpoint,
+                                                                                 samples, tmp_path, capsys):
+    """4 trials (2 tasks x 2 learning rates), 2 epochs each; the MRPC trial at lr 3e-4 raises on
+    every attempt (1 retry), and must be listed as FAILED while the other three succeed."""
+    out = tmp_path / "out"
+    code = _flow().main([
+        "--init-from", str(tiny_checkpoint), "--label", "tiny", "--tasks", "sst2,mrpc", "--data", str(samples),
+        "--lr", "1e-3", "3e-4", "--batch-size", "16", "--epochs", "2", "--max-train-examples", "64",
+        "--max-eval-examples", "48", "--max-seq-len", "32", "--output", str(out), "--fail-trials", "mrpc@3e-4",
+        "--max-failures", "1", "--quiet", "--json", str(tmp_path / "summary.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| checkpoint | SST-2 | MRPC | Average |" in printed and "| tiny |" in printed
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert len(rows) == 4
+    by_status = {}
+    for r in rows:
+        by_status.setdefault(r["status"], []).append((r["task"], float(r["learning_rate"])))
+    assert by_status == {"OK": [("sst2", 3e-4), ("sst2", 1e-3), ("mrpc", 1e-3)], "FAILED": [("mrpc", 3e-4)]}
+    failed = next(r for r in rows if r["status"] == "FAILED")
+    assert "InjectedFault" in failed["error"] and "injected failure for mrpc" in failed["error"]
+    for r in rows:
+        if r["status"] == "OK":                                   # every epoch reported; the last is the result
+            assert r["epoch"] == "2" and float(r["score"]) == float(r[f"dev_{'accuracy' if r['task'] == 'sst2' else 'f1'}"])
+    results = json.loads((out / "results.json").read_text())
+    best = {b["task"]: b for b in results["best"]}
+    assert set(best) == {"sst2", "mrpc"} and best["mrpc"]["config"]["learning_rate"] == 1e-3
+    sst2 = [r for r in rows if r["task"] == "sst2"]
+    assert best["sst2"]["score"] == max(float(r["score"]) for r in sst2)
+    assert failed["failures"] == "2" and all(r["failures"] == "0" for r in rows if r["status"] == "OK")
+    md = (out / "results.md").read_text()
+    assert "| tiny | mrpc |" in md[md.index("Failed and retried trials"):]
+    assert "| FAILED | 2 | bertray.tune.trainer.InjectedFault: injected failure for mrpc" in md
+    assert "| tiny | sst2 | " in md[md.index("Winning grid points"):]
+    # the winners' prediction files were copied out of their Tune checkpoints
+    assert (out / "predictions" / "sst2" / "dev_predictions.tsv").is_file()
+    assert len((out / "predictions" / "sst2" / "SST-2.tsv").read_text().splitlines()) == 49
+    assert (out / "predictions" / "mrpc" / "MRPC.tsv").is_file()
+    # Tune retried the failing trial (max_failures=1) before giving up: two recorded failures
+    (error_file,) = [p for p in (out / "tune").rglob("error.txt")]
+    assert error_file.read_text().count("InjectedFault") >= 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trials"] == 4 and summary["failed"] == 1
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_asha_sweep_with_results_in_object_storage(ray_cluster, tiny_checkpoint, samples, s3_bucket, tmp_path):
+    """ASHA schedules on the per-epoch `score`; Tune's trial directories, the results files and the
+    winner's predictions all go to s3:// (the loopback S3 server)."""
+    import s3fs
+
+    output = f"s3://{s3_bucket}/finetune"
+    cfg = FinetuneConfig(init_from=(str(tiny_checkpoint),), tasks="sst2", data=str(samples),
+                         learning_rates=(1e-2, 1e-3, 1e-4, 1e-5), batch_sizes=(16,), epochs=(3,),
+                         max_train_examples=32, max_eval_examples=32, max_seq_len=16, scheduler="asha",
+                         max_concurrent_trials=1, output=output, cache_dir=str(tmp_path / "cache"))
+    sweep = ft.run_sweep(cfg, verbose=0)
+    assert len(sweep.records) == 4
+    assert {r.status for r in sweep.records} <= {"OK", "STOPPED"}
+    for r in sweep.records:
+        assert 1 <= r.metrics["epoch"] <= 3
+        assert (r.status == "STOPPED") == (r.metrics["epoch"] < 3)
+    assert len(sweep.best) == 1
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert "| checkpoint | SST-2 |" in fs.cat_file(f"{s3_bucket}/finetune/results.md").decode()
+    assert fs.isfile(f"{s3_bucket}/finetune/predictions/sst2/dev_predictions.tsv")
+    assert fs.isfile(f"{s3_bucket}/finetune/predictions/sst2/SST-2.tsv")
+    assert sweep.experiment.startswith(f"{s3_bucket}/finetune/tune/") and fs.isdir(sweep.experiment)
