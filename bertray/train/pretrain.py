@@ -3,8 +3,8 @@
 The only module that knows Ray Train. The driver (`run_pretraining`) resolves the corpus, fixes the
 vocabulary, builds one streaming dataset per phase of the schedule and a fixed held-out batch set,
 then starts `TorchTrainer`. Workers (`train_loop_per_worker`) read one config dict, resume from
-`ray.train.get_checkpoint()` when there is one (after a crash or a re-run with the same output and
-name), and run the same number of steps on every rank so DDP never waits on a missing peer.
+the newest checkpoint of the run when there is one (after a crash or a re-run with the same output
+and name), and run the same number of steps on every rank so DDP never waits on a missing peer.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from bertray.data.sources import preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError
 from bertray.storage import exists, join_url, write_text
-from bertray.train.checkpoints import (LATEST, RunState, load_run_state, load_training_state, resolve_checkpoint,
-                                       save_training_checkpoint, set_rng_state)
+from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, load_run_state, load_training_state,
+                                       resolve_checkpoint, save_training_checkpoint, set_rng_state)
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 
@@ -113,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     tokenizer = Tokenizer.from_str(loop_config["tokenizer_json"])
 
     state = RunState(config=loop_config["config"])
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_checkpoint(run_url)
     resumed, history = None, []
     torch.manual_seed(tcfg.seed)
     if checkpoint is not None:
@@ -218,6 +218,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             break
     sinks.close()
     return {**last, "step": state.step, "start_step": start_step, "sequences_seen": state.sequences_seen}
+
+
+def _checkpoint_step(url: str) -> int:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix("checkpoint_")
+    return int(digits) if name.startswith("checkpoint_") and digits.isdigit() else -1
+
+
+def _resume_checkpoint(run_url: str) -> ray.train.Checkpoint | None:
+    """Ray's registered checkpoint, or the newer one the run's `latest` names.
+
+    The controller registers a reported checkpoint only when it next polls the workers (every 2 s), so
+    a worker that dies within that window leaves a complete upload Ray never registered (RAY-NOTES
+    1.5) and a retry from `get_checkpoint()` alone would redo those steps. Rank 0 moves `latest` only
+    after its upload returned, so the checkpoint it names is whole.
+    """
+    registered = ray.train.get_checkpoint()
+    if not exists(join_url(run_url, LATEST)):
+        return registered
+    pointed = resolve_checkpoint(run_url)
+    if registered is not None and _checkpoint_step(registered.path) >= _checkpoint_step(pointed):
+        return registered
+    if not exists(join_url(pointed, RUN_STATE)):
+        log.warning("%s names %s, which is incomplete; resuming from Ray's registered checkpoint",
+                    join_url(run_url, LATEST), pointed)
+        return registered
+    path, filesystem = storage_for(pointed)
+    return ray.train.Checkpoint(path=path, filesystem=filesystem)
 
 
 def _maybe_inject_fault(fail_at_step: int | None, step: int, rank: int, run_url: str) -> None:
