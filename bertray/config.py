@@ -427,7 +427,9 @@ class DataSection:
     whole_word_masking: bool = doc(False, "mask whole words (a token and its ## continuations)")
     mask_token_prob: float = doc(0.8, "share of picked tokens replaced by [MASK] (paper Table 8 mixes)")
     random_token_prob: float = doc(0.1, "share of picked tokens replaced by a random token (rest: unchanged)")
-    docs_per_batch: int = doc(256, "documents per NSP buffer (random-next sentences come from these)")
+    docs_per_batch: int = doc(256, "documents per NSP buffer at most (random-next sentences come from these)")
+    buffer_chars: int = doc(1_000_000, "text per NSP buffer: a buffer closes at this many characters once it "
+                                       "holds 8 documents, so buffers of books and of tweets cost the same work")
     files_per_read_task: int = doc(4, "files interleaved per read task")
     read_cpus: float = doc(0.25, "CPUs per read task (fractional: leaves room for Train workers)")
     tokenizer_cpus: float = doc(1.0, "CPUs per tokenizer actor")
@@ -441,7 +443,7 @@ class DataSection:
         check(0 <= self.short_seq_prob <= 1, "data.short_seq_prob", f"must be in [0, 1], got {self.short_seq_prob}")
         check(0 < self.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
         check(self.vocab_size >= 100, "data.vocab_size", f"must be >= 100, got {self.vocab_size}")
-        for key in ("docs_per_batch", "files_per_read_task"):
+        for key in ("docs_per_batch", "files_per_read_task", "buffer_chars"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("read_cpus", "tokenizer_cpus", "mask_cpus"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     summary = {
         "steps": m.get("step"), "loss": m.get("loss"), "mlm_accuracy": m.get("mlm_accuracy"),
         "nsp_accuracy": m.get("nsp_accuracy"), "eval_mlm_accuracy": m.get("eval_mlm_accuracy"),
-        "eval_nsp_accuracy": m.get("eval_nsp_accuracy"), "sequences_per_s": m.get("sequences_per_s"),
+        "eval_nsp_accuracy": m.get("eval_nsp_accuracy"), **result.baselines, "sequences_per_s": m.get("sequences_per_s"),
         "checkpoint": result.checkpoint, "wall_s": round(time.perf_counter() - started, 1),
         "pipeline": result.counters,
     }

@@ -136,8 +136,9 @@ def make_nsp_instances(documents: Sequence[Sequence[np.ndarray]], rng: np.random
     """NSP instances from a batch of tokenized documents (sentences as int token-id arrays).
 
     The batch is also the pool the random "other document" is drawn from. A pool of a few hundred
-    documents is enough: NotNext only needs B to be unrelated to A, which a different document
-    of the pool is as much as any document of the corpus; the reference itself only draws within
+    documents (the pipeline's buffers hold up to 256; at least 8 when documents are long) is
+    enough: NotNext only needs B to be unrelated to A, which a different document of the pool is
+    as much as any document of the corpus; the reference itself only draws within
     one input shard. A small pool reuses each document as a random B more often, which does not
     matter because B's start sentence and the masks are fresh each time. A pool filled from one
     file in order draws B's from neighbouring, topically closer documents, which makes NotNext

@@ -56,6 +56,7 @@ class StreamSpec:
     generation: int = 0
     passes: int = 1
     docs_per_batch: int = 256
+    buffer_chars: int = 1_000_000
     files_per_read_task: int = 4
     read_cpus: float = 0.25
     tokenizer_cpus: float = 1.0
@@ -72,7 +73,7 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
         masking=data.masking(phase.max_predictions_per_seq if data.objective != "ltr" else phase.max_seq_len),
         tokenizer_json=tokenizer_json, objective=data.objective, corpus_format=data.format, seed=seed,
         generation=generation, passes=passes, docs_per_batch=data.docs_per_batch,
-        files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
+        buffer_chars=data.buffer_chars, files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
         tokenizer_actors=data.tokenizer_actors, mask_cpus=data.mask_cpus, storage_options=data.storage_options)
 
 
@@ -91,24 +92,32 @@ class PipelineCounters:
         return dict(self.totals)
 
 
-def _doc_table(docs: list[list[str]], doc_ids: list[int], pass_index: int) -> pa.Table:
+MIN_BUFFER_DOCS = 8   # a buffer closed by size still offers random-next B's from 7 other documents
+
+
+def _buffer_table(docs: list[list[str]], doc_ids: list[int], pass_index: int) -> pa.Table:
+    """One row holds one whole NSP buffer. Ray Data batches rows by count, so were rows documents,
+    a batch of 256 books would be hundreds of times the work of 256 tweets; as buffers, the reader
+    decides their size and every actor call is of similar work, whatever the corpus."""
     return pa.table({
-        "sentences": pa.array(docs, type=pa.list_(pa.string())),
-        "doc_id": pa.array(doc_ids, type=pa.int64()),
-        "pass_index": pa.array([pass_index] * len(docs), type=pa.int32()),
+        "documents": pa.array([docs], type=pa.list_(pa.list_(pa.string()))),
+        "doc_ids": pa.array([doc_ids], type=pa.list_(pa.int64())),
+        "pass_index": pa.array([pass_index], type=pa.int32()),
     })
 
 
 def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamSpec,
-                     counters_actor: Any, docs_per_block: int) -> Iterator[pa.Table]:
-    """Interleave the documents of a few files round-robin, so every block (and so every NSP
-    buffer) mixes documents from several files even when each file holds a single document."""
+                     counters_actor: Any) -> Iterator[pa.Table]:
+    """Interleave the documents of a few files round-robin, so every buffer mixes documents from
+    several files even when each file holds a single document; close a buffer at `docs_per_batch`
+    documents or, once it holds `MIN_BUFFER_DOCS`, at `buffer_chars` characters."""
     counters = CorpusCounters()
     streams = {f.index: read_documents(f, spec.layout, counters, fmt=spec.corpus_format,
                                        storage_options=spec.storage_options) for f in files}
     next_doc = {index: 0 for index in streams}
     docs: list[list[str]] = []
     ids: list[int] = []
+    chars = 0
     while streams:
         for index in list(streams):
             doc = next(streams[index], None)
@@ -118,11 +127,12 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
             docs.append(doc)
             ids.append((index << 32) | next_doc[index])
             next_doc[index] += 1
-            if len(docs) >= docs_per_block:
-                yield _doc_table(docs, ids, pass_index)
-                docs, ids = [], []
+            chars += sum(map(len, doc))
+            if len(docs) >= spec.docs_per_batch or (chars >= spec.buffer_chars and len(docs) >= MIN_BUFFER_DOCS):
+                yield _buffer_table(docs, ids, pass_index)
+                docs, ids, chars = [], [], 0
     if docs:
-        yield _doc_table(docs, ids, pass_index)
+        yield _buffer_table(docs, ids, pass_index)
     if counters_actor is not None:
         counters_actor.add.remote(counters.as_dict())
 
@@ -153,8 +163,7 @@ class CorpusDatasource(Datasource):
                 meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None,
                                      input_files=tuple(f.url for f in files))
                 tasks.append(ReadTask(
-                    lambda files=files, p=pass_index: _read_file_group(
-                        files, p, spec, self._counters, spec.docs_per_batch),
+                    lambda files=files, p=pass_index: _read_file_group(files, p, spec, self._counters),
                     meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -180,9 +189,13 @@ class TokenizeAndPair:
         self.counters = counters_actor
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        docs = batch.column("sentences").to_pylist()
-        doc_ids = batch.column("doc_id").to_numpy()
-        pass_index = int(batch.column("pass_index")[0].as_py())
+        """Pair each buffer (row) on its own: two rows can be two passes over the same documents."""
+        parts = [self._pair(docs, np.asarray(ids, dtype=np.int64), pass_index) for docs, ids, pass_index in
+                 zip(batch.column("documents").to_pylist(), batch.column("doc_ids").to_pylist(),
+                     batch.column("pass_index").to_pylist())]
+        return parts[0] if len(parts) == 1 else {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def _pair(self, docs: list[list[str]], doc_ids: np.ndarray, pass_index: int) -> dict[str, np.ndarray]:
         token_docs = self.encode(self.tokenizer, docs)
         rng = derive_rng(self.spec.seed, self.spec.generation, pass_index, int(doc_ids[0] >> 32),
                          int(doc_ids[0] & 0xFFFFFFFF), _STAGE_PAIR)
@@ -214,8 +227,13 @@ def _with_global_ids(out: dict[str, np.ndarray], doc_ids: np.ndarray, pass_index
 
 
 def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, vocab_size: int,
-               special_ids: Sequence[int], is_subword: np.ndarray | None, counters_actor: Any) -> dict[str, np.ndarray]:
-    """Masking task: masks are drawn here, when the batch is produced, so every pass differs."""
+               special_ids: Sequence[int], is_subword: np.ndarray | None, counters_actor: Any,
+               columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Masking task: masks are drawn here, when the batch is produced, so every pass differs.
+
+    `columns` keeps only those in the output. Selecting here rather than with `select_columns`
+    matters: that is a task of its own asking for a whole CPU, which never gets one while the
+    tokenizer actors and the trainer hold the rest, so no batch left before the stream ended."""
     lengths = batch["lengths"]
     if spec.objective == "ltr":
         targets = causal_lm_targets(batch["input_ids"], lengths)
@@ -232,7 +250,7 @@ def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, voc
     out.update(targets)
     seq = batch["input_ids"].shape[1]
     out["attention_mask"] = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int8)
-    return out
+    return out if columns is None else {key: out[key] for key in columns}
 
 
 def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_actor: Any = None,
@@ -251,10 +269,10 @@ def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_act
     pool = (ray.data.ActorPoolStrategy(size=spec.tokenizer_actors) if spec.tokenizer_actors > 0
             else ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
     ds = ray.data.read_datasource(CorpusDatasource(files, spec, counters_actor), num_cpus=spec.read_cpus)
-    ds = ds.map_batches(TokenizeAndPair, fn_constructor_args=(spec, counters_actor), batch_size=spec.docs_per_batch,
+    ds = ds.map_batches(TokenizeAndPair, fn_constructor_args=(spec, counters_actor), batch_size=1,
                         batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus)
-    ds = ds.map_batches(mask_batch, fn_args=(dataclasses.replace(spec, tokenizer_json=""), sp.mask, tok.get_vocab_size(), (sp.cls, sp.sep, sp.pad), is_subword,
-                                                 counters_actor),
-                        batch_format="numpy", batch_size=None, num_cpus=spec.mask_cpus)
     columns = TRAINER_COLUMNS + (PROVENANCE_COLUMNS if keep_provenance else ())
-    return ds.select_columns(list(columns))
+    masking_args = (dataclasses.replace(spec, tokenizer_json=""), sp.mask, tok.get_vocab_size(), (sp.cls, sp.sep, sp.pad),
+                    is_subword, counters_actor, columns)
+    return ds.map_batches(mask_batch, fn_args=masking_args, batch_format="numpy", batch_size=None,
+                          num_cpus=spec.mask_cpus)

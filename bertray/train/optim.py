@@ -31,72 +31,72 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class Lamb(torch.optim.Optimizer):
-    """LAMB: Adam's direction scaled per tensor by ||w|| / ||update|| (trust ratio)."""
+def _adam_update(p: torch.Tensor, state: dict, group: dict, bias_correction: bool) -> torch.Tensor:
+    """Fold this step's gradient into the moments; return m / (sqrt(v) + eps) + decoupled decay * p."""
+    beta1, beta2 = group["betas"]
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+    state["step"] += 1
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+    if bias_correction:
+        update = (m / (1 - beta1 ** state["step"])).div_((v / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"]))
+    else:
+        update = m / v.sqrt().add_(group["eps"])
+    if group["weight_decay"]:
+        update.add_(p, alpha=group["weight_decay"])
+    return update
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      bias_correction=bias_correction))
+
+class _DecoupledAdam(torch.optim.Optimizer):
+    """Adam moments + decoupled weight decay; subclasses decide how the update is applied."""
+
+    bias_correction = True
+
+    def apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                if group["bias_correction"]:
-                    m_hat = m / (1 - beta1 ** state["step"])
-                    v_hat = v / (1 - beta2 ** state["step"])
-                else:
-                    m_hat, v_hat = m, v
-                update = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.add_(update, alpha=-group["lr"] * float(trust))
+                if p.grad is not None:
+                    self.apply(p, _adam_update(p, self.state[p], group, self.bias_correction), group)
         return loss
 
 
-class BertAdam(torch.optim.Optimizer):
+class Lamb(_DecoupledAdam):
+    """LAMB: Adam's direction (bias-corrected) scaled per tensor by ||w|| / ||update|| (trust ratio)."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+        w_norm, u_norm = p.norm(), update.norm()
+        # A tensor, never a Python float: no host-device sync per parameter on a GPU.
+        trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        p.sub_(update.mul_(trust * group["lr"]))
+
+
+class BertAdam(_DecoupledAdam):
     """Google BERT's AdamWeightDecayOptimizer: Adam without bias correction + decoupled decay."""
+
+    bias_correction = False
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                update = m / (v.sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update.add_(p, alpha=group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
-        return loss
+    def apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+        p.sub_(update, alpha=group["lr"])
 
 
 def make_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: float,

@@ -301,6 +301,7 @@ class PretrainResult:
     checkpoint: str | None
     counters: dict[str, int]
     elapsed_s: float
+    baselines: dict[str, float]          # eval_mlm_baseline, eval_nsp_majority (see `eval_baselines`)
 
 
 def _next_generation(run_url: str) -> int:
@@ -327,6 +328,20 @@ def eval_batches(cfg: PretrainConfig, tokenizer_json: str) -> list[dict[str, np.
     if n == 0:
         raise ConfigError(f"data.eval_corpus: {cfg.data.eval_corpus} gives fewer than {size} held-out sequences")
     return [{k: np.ascontiguousarray(v[i * size:(i + 1) * size]) for k, v in rows.items()} for i in range(n)]
+
+
+def eval_baselines(batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """What the held-out accuracies must beat: always predicting the most frequent masked token, and
+    always predicting the more common NSP label (Google's procedure gives more NotNext than IsNext)."""
+    if not batches:
+        return {}
+    ids = np.concatenate([b["masked_lm_ids"][b["masked_lm_weights"] > 0] for b in batches])
+    out = {"eval_mlm_baseline": float(np.bincount(ids).max() / len(ids))} if len(ids) else {}
+    labels = np.concatenate([b["next_sentence_labels"] for b in batches])
+    labels = labels[labels >= 0]
+    if len(labels):
+        out["eval_nsp_majority"] = float(max(labels.mean(), 1 - labels.mean()))
+    return out
 
 
 def _phase_dataset(files, data, phase, tokenizer_json: str, seed: int, passes: int, run_url: str, counters):
@@ -392,8 +407,9 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
         write_text(join_url(run_url, LATEST), name + "\n")
         checkpoint_url = join_url(run_url, name)
     metrics = dict(result.return_value or result.metrics or {})
-    return PretrainResult(metrics=metrics, reported=dict(result.metrics or {}), checkpoint=checkpoint_url, counters=ray.get(counters.get.remote()),
-                          elapsed_s=time.perf_counter() - started)
+    return PretrainResult(metrics=metrics, reported=dict(result.metrics or {}), checkpoint=checkpoint_url,
+                          counters=ray.get(counters.get.remote()), elapsed_s=time.perf_counter() - started,
+                          baselines=eval_baselines(evaluation))
 
 
 def _tensorboard_dir(cfg: PretrainConfig, run_url: str) -> str:

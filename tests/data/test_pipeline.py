@@ -118,3 +118,43 @@ def test_s3_corpus_through_the_pipeline(ray_cluster, s3_bucket, shared_data, tok
     assert a.keys() == b.keys() and len(a) > 1000
     order = [b[k] for k in a]
     np.testing.assert_array_equal(s3_rows["input_ids"][list(a.values())], disk_rows["input_ids"][order])
+
+
+def test_a_batch_spanning_two_passes_never_pairs_a_document_with_its_own_copy(tokenizer):
+    """An actor's batch can hold buffers of two read tasks, pass 0 and pass 1 of the same documents;
+    each buffer is paired on its own, so a NotNext B still comes from a different document."""
+    import pyarrow as pa
+
+    from bertray.data.pipeline import TokenizeAndPair, _buffer_table
+
+    docs = [[f"document {d} says sentence {s} about topic {d}." for s in range(12)] for d in range(2)]
+    batch = pa.concat_tables([_buffer_table(docs, [0, 1], 0), _buffer_table(docs, [0, 1], 1)])
+    pair = TokenizeAndPair(spec_for(tokenizer, nsp=NSPConfig(max_seq_len=24)))
+    not_next = 0
+    for seed in range(20):
+        pair.spec = spec_for(tokenizer, nsp=NSPConfig(max_seq_len=24), seed=seed)
+        out = pair(batch)
+        random_b = out["next_sentence_labels"] == 1
+        assert not np.any(out["b_doc_id"][random_b] == out["doc_id"][random_b])
+        assert set(out["pass_index"].tolist()) == {0, 1}
+        not_next += int(random_b.sum())
+    assert not_next > 50
+
+
+@pytest.mark.parametrize("docs_per_batch, buffer_chars, sizes", [
+    (4, 10**9, [4] * 7 + [2]),          # closed by document count
+    (256, 5_000, [8] * 3 + [6]),        # closed by size once it holds 8 documents (~950 chars each)
+    (256, 20_000, [21, 9]),             # closed by size: 21 x ~950 chars
+])
+def test_buffers_close_by_count_or_by_size(tmp_path, tokenizer, docs_per_batch, buffer_chars, sizes):
+    from bertray.data.pipeline import _read_file_group
+
+    text = "\n\n".join("\n".join(f"Document {d} has sentence number {s} in it." * 2 for s in range(12))
+                       for d in range(30))
+    (tmp_path / "c.txt").write_text(text + "\n")
+    spec = spec_for(tokenizer, layout=LAYOUT_PRESETS["bert"], docs_per_batch=docs_per_batch, buffer_chars=buffer_chars)
+    buffers = list(_read_file_group(resolve_corpus(str(tmp_path / "c.txt")), 3, spec, None))
+    assert [b.column("doc_ids")[0].as_py().__len__() for b in buffers] == sizes
+    assert all(b.num_rows == 1 and b.column("pass_index")[0].as_py() == 3 for b in buffers)
+    ids = [i for b in buffers for i in b.column("doc_ids")[0].as_py()]
+    assert ids == list(range(30))          # every document once, in order, file index 0

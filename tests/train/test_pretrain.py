@@ -168,14 +168,39 @@ def test_checkpoints_in_object_storage_and_resume_there(ray_cluster, s3_bucket):
     assert result.checkpoint == f"{output}/s3run/checkpoint_00000012"
 
 
-@pytest.mark.parametrize("objective", ["mlm", "ltr"])
-def test_ablation_objectives_train(ray_cluster, tmp_path, objective):
+ABLATIONS = {
+    "no-nsp": {"data.objective": "mlm"},
+    "ltr-no-nsp": {"data.objective": "ltr"},
+    # Table 8's MASK-only mix with Bernoulli whole-word masking, another model size, and an extra
+    # kept checkpoint for the steps ablation: the switches that leave the objective alone.
+    "mask-mix-size-steps": {"data.mask_token_prob": 1.0, "data.random_token_prob": 0.0,
+                            "data.masking_strategy": "bernoulli", "data.whole_word_masking": True,
+                            "model.preset": "mini", "train.save_at_steps": [2]},
+}
+
+
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+def test_ablation_switches_train_and_their_checkpoints_fine_tune(ray_cluster, tmp_path, ablation):
     from bertray.model.heads import BertForPreTraining
     from bertray.train.pretrain import run_pretraining
+    from bertray.tune.trainer import TrialConfig, finetune
 
-    cfg = small_config(str(tmp_path), **{"data.objective": objective, "train.max_steps": 4,
-                                         "train.checkpoint_every": 4})
+    overrides = ABLATIONS[ablation]
+    cfg = small_config(str(tmp_path), **{"train.max_steps": 4, "train.checkpoint_every": 4, **overrides})
     result = run_pretraining(cfg)
-    assert result.metrics["step"] == 4 and result.metrics.get("nsp_accuracy") is None
+    assert result.metrics["step"] == 4 and result.metrics["mlm_accuracy"] > 0
+    with_nsp = overrides.get("data.objective", "mlm_nsp") == "mlm_nsp"
+    assert (result.metrics.get("nsp_accuracy") is not None) is with_nsp
+    causal = overrides.get("data.objective") == "ltr"
     model = BertForPreTraining.from_pretrained(result.checkpoint)
-    assert model.config.is_causal is (objective == "ltr")
+    assert model.config.is_causal is causal
+    if "model.preset" in overrides:
+        assert (model.config.num_hidden_layers, model.config.hidden_size) == (4, 256)
+        assert (tmp_path / cfg.run.name / "kept" / "checkpoint_00000002" / "model.safetensors").is_file()
+
+    trial = TrialConfig(task="sst2", init_from=result.checkpoint, data=str(REPO / "samples" / "glue"),
+                        learning_rate=1e-4, batch_size=16, epochs=1, max_seq_len=32, max_train_examples=64,
+                        max_eval_examples=64, threads=1, cache_dir=str(tmp_path / "cache"), predictions=False)
+    outcome = finetune(trial, device="cpu")
+    assert 0 <= outcome.metrics["score"] <= 100 and np.isfinite(outcome.metrics["train_loss"])
+    assert outcome.model.config.is_causal is causal      # LTR keeps its left-to-right mask when fine-tuned

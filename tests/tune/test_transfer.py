@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 import os
 import pathlib
 import subprocess
@@ -41,12 +42,27 @@ def embedded_pretraining(tmp_path_factory) -> pathlib.Path:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "flows" / "pretrain.py"), "--address", "local",
-                           "--output", str(out), "--name", "embedded"],
+                           "--output", str(out), "--name", "embedded", "--json", str(out / "summary.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"embedded pretraining: {time.perf_counter() - started:.0f} s")
     assert (out / "embedded" / "latest").is_file()
     return out / "embedded"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_embedded_pretraining_learns_beyond_the_frequency_baseline(embedded_pretraining):
+    """Held-out MLM accuracy (fixed masks, WikiText-2 valid) against always guessing the most frequent
+    token ("the", ~5.5%). Measured after the 600 default steps: 8.2-10.0%. NSP is reported, not
+    asserted: in this budget the tiny model still predicts the majority label (see the README)."""
+    summary = json.loads((embedded_pretraining.parent / "summary.json").read_text())
+    print({k: v for k, v in summary.items() if k.startswith("eval_")})
+    assert summary["steps"] == 600
+    baseline, accuracy = summary["eval_mlm_baseline"], summary["eval_mlm_accuracy"]
+    assert 0.03 < baseline < 0.09, summary
+    assert accuracy >= baseline + 0.01 and accuracy >= 1.15 * baseline, summary   # ~2.5 standard errors
+    assert 0.5 <= summary["eval_nsp_majority"] < 0.7 and summary["eval_nsp_accuracy"] > 0.4, summary
 
 
 @pytest.mark.ray
