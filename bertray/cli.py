@@ -45,6 +45,7 @@ def repo_path(value: Any) -> Any:
 
 
 def with_repo_paths(data: Any) -> Any:
-    """A `DataSection` whose corpus paths are resolved with `repo_path`."""
+    """A `DataSection` whose corpus and tokenizer paths are resolved with `repo_path`."""
     return dataclasses.replace(data, corpus=tuple(map(repo_path, data.corpus)),
-                               eval_corpus=tuple(map(repo_path, data.eval_corpus)))
+                               eval_corpus=tuple(map(repo_path, data.eval_corpus)),
+                               tokenizer=data.tokenizer and repo_path(data.tokenizer))

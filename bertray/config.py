@@ -431,6 +431,8 @@ class DataSection:
     buffer_chars: int = doc(1_000_000, "text per NSP buffer: a buffer closes at this many characters once it "
                                        "holds 8 documents, so buffers of books and of tweets cost the same work")
     files_per_read_task: int = doc(4, "files interleaved per read task")
+    preserve_order: bool = doc(False, "deliver instances in read order: a re-run sees the same data in the same "
+                                      "order (reproducible), at some throughput cost on big clusters")
     read_cpus: float = doc(0.25, "CPUs per read task (fractional: leaves room for Train workers)")
     tokenizer_cpus: float = doc(1.0, "CPUs per tokenizer actor")
     tokenizer_actors: int = doc(0, "tokenizer actors (0: autoscale with the cluster)")
@@ -540,9 +542,13 @@ class ScalingSection:
     cpus_per_worker: float = doc(1.0, "CPUs reserved per Train worker (the data stages use the rest)")
     torch_threads: int = doc(0, "intra-op threads per worker on CPU (0: Ray's default, one per reserved CPU); "
                                 "more than reserved helps when the data stages leave CPUs idle")
+    cpu_affinity: tuple[int, ...] = doc((), "CPU ids each Train worker process is pinned to (Linux); empty: no "
+                                             "pinning. Gives a trainer its own cores beside data stages")
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        check(all(isinstance(c, int) and c >= 0 for c in self.cpu_affinity), "scaling.cpu_affinity",
+              f"must be CPU ids >= 0, got {list(self.cpu_affinity)}")
         check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.torch_threads >= 0, "scaling.torch_threads", f"must be >= 0, got {self.torch_threads}")
 

@@ -103,3 +103,17 @@ def test_every_pretraining_option_is_a_documented_flag():
     for dotted, field, _ in iter_options(PretrainConfig):
         assert f"--{dotted}" in out, dotted
         assert field.metadata.get("help"), f"{dotted} has no help text"
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("data.buffer_chars", 0, "data.buffer_chars: must be > 0"),
+    ("scaling.cpu_affinity", [0, -1], "scaling.cpu_affinity: must be CPU ids >= 0"),
+    ("data.preserve_order", "sometimes", "data.preserve_order"),
+])
+def test_bad_pretraining_values_name_the_key(tmp_path, key, value, needle):
+    from bertray.config import PretrainConfig, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {corpus: [x.txt]}\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_config(PretrainConfig, path, {key: value})

@@ -58,6 +58,7 @@ class StreamSpec:
     docs_per_batch: int = 256
     buffer_chars: int = 1_000_000
     files_per_read_task: int = 4
+    preserve_order: bool = False       # same instances in the same order on every run (see DataSection)
     read_cpus: float = 0.25
     tokenizer_cpus: float = 1.0
     tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
@@ -73,7 +74,8 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
         masking=data.masking(phase.max_predictions_per_seq if data.objective != "ltr" else phase.max_seq_len),
         tokenizer_json=tokenizer_json, objective=data.objective, corpus_format=data.format, seed=seed,
         generation=generation, passes=passes, docs_per_batch=data.docs_per_batch,
-        buffer_chars=data.buffer_chars, files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
+        buffer_chars=data.buffer_chars, preserve_order=data.preserve_order,
+        files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
         tokenizer_actors=data.tokenizer_actors, mask_cpus=data.mask_cpus, storage_options=data.storage_options)
 
 
@@ -274,5 +276,7 @@ def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_act
     columns = TRAINER_COLUMNS + (PROVENANCE_COLUMNS if keep_provenance else ())
     masking_args = (dataclasses.replace(spec, tokenizer_json=""), sp.mask, tok.get_vocab_size(), (sp.cls, sp.sep, sp.pad),
                     is_subword, counters_actor, columns)
-    return ds.map_batches(mask_batch, fn_args=masking_args, batch_format="numpy", batch_size=None,
-                          num_cpus=spec.mask_cpus)
+    ds = ds.map_batches(mask_batch, fn_args=masking_args, batch_format="numpy", batch_size=None,
+                        num_cpus=spec.mask_cpus)
+    ds.context.execution_options.preserve_order = spec.preserve_order
+    return ds

@@ -10,6 +10,7 @@ and name), and run the same number of steps on every rank so DDP never waits on 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -107,6 +108,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.scaling.cpu_affinity:
+        os.sched_setaffinity(0, cfg.scaling.cpu_affinity)
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
     run_url = loop_config["run_url"]
@@ -321,6 +324,7 @@ def eval_batches(cfg: PretrainConfig, tokenizer_json: str) -> list[dict[str, np.
         return []
     files = resolve_corpus(cfg.data.eval_corpus, storage_options=cfg.data.storage_options)
     spec = stream_spec(cfg.data, cfg.train.phases[0], tokenizer_json, seed=EVAL_SEED, generation=0, passes=1)
+    spec = dataclasses.replace(spec, preserve_order=True)   # the same held-out rows on every run
     phase = cfg.train.phases[0]
     size = min(phase.batch_size, 64)
     rows = build_dataset(files, spec).take_batch(size * cfg.train.eval_batches, batch_format="numpy")
@@ -361,7 +365,9 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
 
     # Progress bars of several streaming operators interleave badly with the metric lines in job
     # logs; Train copies the driver's DataContext to the workers when the trainer is built.
-    ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress_bars
+    context.execution_options.preserve_order = cfg.data.preserve_order   # Train splits with this one
 
     started = time.perf_counter()
     run_url = join_url(cfg.run.output, cfg.run.name)

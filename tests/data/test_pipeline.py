@@ -86,6 +86,19 @@ def test_passes_redraw_masks_and_runs_are_reproducible(ray_cluster, shared_data,
     assert not np.array_equal(other_seed["masked_lm_positions"][:100], first["masked_lm_positions"][:100])
 
 
+def test_preserve_order_gives_the_same_stream_in_the_same_order(ray_cluster, shared_data, tokenizer):
+    """What makes a whole run reproducible: not only the same rows, the same rows in the same order,
+    although two tokenizer actors finish their buffers in whatever order they like."""
+    files = resolve_corpus(str(shared_data / "corpus" / "wikitext-2-raw" / "wiki.valid.raw"))
+    spec = spec_for(tokenizer, passes=3, preserve_order=True, tokenizer_actors=2, tokenizer_cpus=0.25,
+                    buffer_chars=200_000)
+    runs = [build_dataset(files, spec, keep_provenance=True).take_batch(100_000, batch_format="numpy")
+            for _ in range(2)]
+    for column in TRAINER_COLUMNS + ("doc_id", "pass_index"):
+        np.testing.assert_array_equal(runs[0][column], runs[1][column], err_msg=column)
+    assert runs[0]["pass_index"].tolist() == sorted(runs[0]["pass_index"].tolist())   # read order
+
+
 @pytest.mark.parametrize("objective", ["mlm", "ltr"])
 def test_ablation_objectives(ray_cluster, shared_data, tokenizer, objective):
     files = resolve_corpus(str(shared_data / "corpus" / "wikitext-2-raw" / "wiki.valid.raw"))

@@ -198,7 +198,7 @@ def test_ablation_switches_train_and_their_checkpoints_fine_tune(ray_cluster, tm
         assert (model.config.num_hidden_layers, model.config.hidden_size) == (4, 256)
         assert (tmp_path / cfg.run.name / "kept" / "checkpoint_00000002" / "model.safetensors").is_file()
 
-    trial = TrialConfig(task="sst2", init_from=result.checkpoint, data=str(REPO / "samples" / "glue"),
+    trial = TrialConfig(task="sst2", init_from=result.checkpoint, data=str(REPO / "samples"),
                         learning_rate=1e-4, batch_size=16, epochs=1, max_seq_len=32, max_train_examples=64,
                         max_eval_examples=64, threads=1, cache_dir=str(tmp_path / "cache"), predictions=False)
     outcome = finetune(trial, device="cpu")
