@@ -161,10 +161,10 @@ def run_hf(seq: int) -> dict:
 
 
 def run_ray(seq: int, predictions: int, cores: int, passes: int) -> dict:
-    """The same pipeline through Ray Data (read tasks, a tokenizer actor pool, masking tasks).
+    """The same pipeline through Ray Data (read tasks, an actor pool that tokenizes, pairs and masks).
 
-    One tokenizer actor per core, each reserving a share of a CPU that leaves half a CPU for the
-    read and masking tasks: actors holding every CPU starve the reads and the run hangs silently."""
+    One tokenizer actor per core, each reserving a share of a CPU that leaves a quarter of a CPU for
+    the read tasks: actors holding every CPU starve the reads and the run hangs silently."""
     import ray
 
     from bertray.data.masking import MaskingConfig
@@ -184,7 +184,7 @@ def run_ray(seq: int, predictions: int, cores: int, passes: int) -> dict:
             spec = StreamSpec(layout=LAYOUT_PRESETS[layout_name], nsp=NSPConfig(max_seq_len=seq),
                               masking=MaskingConfig(max_predictions_per_seq=predictions), tokenizer_json=tok_json,
                               passes=passes, read_cpus=0.25,
-                              tokenizer_cpus=(cores - 0.5) / cores, tokenizer_actors=cores, mask_cpus=0.25)
+                              tokenizer_cpus=(cores - 0.25) / cores, tokenizer_actors=cores)
             results.append((files, spec))
         # Warm up the actor pool and imports, then time whole passes.
         build_dataset(*results[0]).take_batch(64)

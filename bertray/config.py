@@ -434,9 +434,8 @@ class DataSection:
     preserve_order: bool = doc(False, "deliver instances in read order: a re-run sees the same data in the same "
                                       "order (reproducible), at some throughput cost on big clusters")
     read_cpus: float = doc(0.25, "CPUs per read task (fractional: leaves room for Train workers)")
-    tokenizer_cpus: float = doc(1.0, "CPUs per tokenizer actor")
+    tokenizer_cpus: float = doc(1.0, "CPUs per tokenizer actor (it tokenizes, pairs and masks)")
     tokenizer_actors: int = doc(0, "tokenizer actors (0: autoscale with the cluster)")
-    mask_cpus: float = doc(0.25, "CPUs per masking task")
     storage_options: dict[str, Any] = doc({}, "fsspec options for the corpus filesystem (never credentials: "
                                               "those come from the environment or the instance role)")
 
@@ -447,7 +446,7 @@ class DataSection:
         check(self.vocab_size >= 100, "data.vocab_size", f"must be >= 100, got {self.vocab_size}")
         for key in ("docs_per_batch", "files_per_read_task", "buffer_chars"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("read_cpus", "tokenizer_cpus", "mask_cpus"):
+        for key in ("read_cpus", "tokenizer_cpus"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
         self.corpus_layout()
         self.masking(20)

@@ -1,8 +1,8 @@
 """The Ray Data pipeline: corpus files -> documents -> token ids -> NSP instances -> masked batches.
 
 The only module that knows Ray Data. Every stage is a pure function from `documents.py`, `nsp.py`
-and `masking.py`; this file decides where each runs (read tasks, a tokenizer actor pool, masking
-tasks), with how many CPUs, and how randomness is keyed.
+and `masking.py`; this file decides where each runs (read tasks, then an actor pool that tokenizes,
+pairs and masks), with how many CPUs, and how randomness is keyed.
 
 Passes over the corpus are part of the dataset itself: read tasks are (pass, group of files), so a
 trainer consumes one long stream and every pass draws new NSP pairs and masks (dynamic masking)
@@ -12,7 +12,6 @@ run resumes so the resumed stream is fresh rather than a replay of what was alre
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -62,7 +61,6 @@ class StreamSpec:
     read_cpus: float = 0.25
     tokenizer_cpus: float = 1.0
     tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
-    mask_cpus: float = 0.25
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -76,7 +74,7 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
         generation=generation, passes=passes, docs_per_batch=data.docs_per_batch,
         buffer_chars=data.buffer_chars, preserve_order=data.preserve_order,
         files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
-        tokenizer_actors=data.tokenizer_actors, mask_cpus=data.mask_cpus, storage_options=data.storage_options)
+        tokenizer_actors=data.tokenizer_actors, storage_options=data.storage_options)
 
 
 @ray.remote(num_cpus=0)
@@ -173,11 +171,13 @@ class CorpusDatasource(Datasource):
         return "BertCorpus"
 
 
-class TokenizeAndPair:
+class TokenizePairMask:
     """Tokenizer actor: one `tokenizers.Tokenizer` per actor (a shared one fails with
-    "Already borrowed"), WordPiece over whole batches of sentences, then NSP pairing or packing."""
+    "Already borrowed"), WordPiece over a whole buffer of documents, NSP pairing or packing, then
+    the masks. Masking here rather than in tasks of its own saves a trip of every instance through
+    the object store and a task per buffer; the masks are still drawn as the batch is produced."""
 
-    def __init__(self, spec: StreamSpec, counters_actor: Any = None) -> None:
+    def __init__(self, spec: StreamSpec, counters_actor: Any = None, columns: Sequence[str] = TRAINER_COLUMNS) -> None:
         from tokenizers import Tokenizer
 
         from bertray import tokenizer as wordpiece
@@ -188,13 +188,19 @@ class TokenizeAndPair:
         self.tokenizer.no_padding()      # sentences are packed into pairs later; a saved
         self.tokenizer.no_truncation()   # tokenizer.json may carry padding/truncation settings
         self.specials = wordpiece.special_tokens(self.tokenizer)
+        self.is_subword = wordpiece.subword_mask(self.tokenizer) if spec.masking.whole_word else None
         self.counters = counters_actor
+        self.columns = tuple(columns)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        """Pair each buffer (row) on its own: two rows can be two passes over the same documents."""
-        parts = [self._pair(docs, np.asarray(ids, dtype=np.int64), pass_index) for docs, ids, pass_index in
-                 zip(batch.column("documents").to_pylist(), batch.column("doc_ids").to_pylist(),
-                     batch.column("pass_index").to_pylist())]
+        """Each buffer (row) on its own: two rows can be two passes over the same documents."""
+        sp = self.specials
+        parts = [mask_batch(self._pair(docs, np.asarray(ids, dtype=np.int64), pass_index), self.spec, sp.mask,
+                            self.tokenizer.get_vocab_size(), (sp.cls, sp.sep, sp.pad), self.is_subword,
+                            self.counters, self.columns)
+                 for docs, ids, pass_index in zip(batch.column("documents").to_pylist(),
+                                                  batch.column("doc_ids").to_pylist(),
+                                                  batch.column("pass_index").to_pylist())]
         return parts[0] if len(parts) == 1 else {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
     def _pair(self, docs: list[list[str]], doc_ids: np.ndarray, pass_index: int) -> dict[str, np.ndarray]:
@@ -231,7 +237,7 @@ def _with_global_ids(out: dict[str, np.ndarray], doc_ids: np.ndarray, pass_index
 def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, vocab_size: int,
                special_ids: Sequence[int], is_subword: np.ndarray | None, counters_actor: Any,
                columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Masking task: masks are drawn here, when the batch is produced, so every pass differs.
+    """Masks for a batch of instances, drawn as it is produced, so every pass differs.
 
     `columns` keeps only those in the output. Selecting here rather than with `select_columns`
     matters: that is a task of its own asking for a whole CPU, which never gets one while the
@@ -258,25 +264,13 @@ def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, voc
 def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_actor: Any = None,
                   keep_provenance: bool = False) -> "ray.data.Dataset":
     """The streaming dataset of masked pretraining instances (lazy: nothing runs until iterated)."""
-    from tokenizers import Tokenizer
-
-    from bertray import tokenizer as wordpiece
-
     if spec.objective not in OBJECTIVES:
         raise ValueError(f"objective {spec.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    tok = Tokenizer.from_str(spec.tokenizer_json)
-    sp = wordpiece.special_tokens(tok)
-    is_subword = wordpiece.subword_mask(tok) if spec.masking.whole_word else None
-
     pool = (ray.data.ActorPoolStrategy(size=spec.tokenizer_actors) if spec.tokenizer_actors > 0
             else ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
-    ds = ray.data.read_datasource(CorpusDatasource(files, spec, counters_actor), num_cpus=spec.read_cpus)
-    ds = ds.map_batches(TokenizeAndPair, fn_constructor_args=(spec, counters_actor), batch_size=1,
-                        batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus)
     columns = TRAINER_COLUMNS + (PROVENANCE_COLUMNS if keep_provenance else ())
-    masking_args = (dataclasses.replace(spec, tokenizer_json=""), sp.mask, tok.get_vocab_size(), (sp.cls, sp.sep, sp.pad),
-                    is_subword, counters_actor, columns)
-    ds = ds.map_batches(mask_batch, fn_args=masking_args, batch_format="numpy", batch_size=None,
-                        num_cpus=spec.mask_cpus)
+    ds = ray.data.read_datasource(CorpusDatasource(files, spec, counters_actor), num_cpus=spec.read_cpus)
+    ds = ds.map_batches(TokenizePairMask, fn_constructor_args=(spec, counters_actor, columns), batch_size=1,
+                        batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus)
     ds.context.execution_options.preserve_order = spec.preserve_order
     return ds

@@ -23,8 +23,7 @@ def tokenizer(minilm_dir):
 def spec_for(tokenizer, **overrides):
     base = dict(layout=LAYOUT_PRESETS["wikitext"], nsp=NSPConfig(max_seq_len=SEQ),
                 masking=MaskingConfig(max_predictions_per_seq=P), tokenizer_json=tokenizer.to_str(),
-                seed=7, passes=1, docs_per_batch=64, read_cpus=0.25, tokenizer_cpus=0.5, tokenizer_actors=1,
-                mask_cpus=0.25)
+                seed=7, passes=1, docs_per_batch=64, read_cpus=0.25, tokenizer_cpus=0.5, tokenizer_actors=1)
     return StreamSpec(**{**base, **overrides})
 
 
@@ -138,11 +137,12 @@ def test_a_batch_spanning_two_passes_never_pairs_a_document_with_its_own_copy(to
     each buffer is paired on its own, so a NotNext B still comes from a different document."""
     import pyarrow as pa
 
-    from bertray.data.pipeline import TokenizeAndPair, _buffer_table
+    from bertray.data.pipeline import TokenizePairMask, _buffer_table
 
     docs = [[f"document {d} says sentence {s} about topic {d}." for s in range(12)] for d in range(2)]
     batch = pa.concat_tables([_buffer_table(docs, [0, 1], 0), _buffer_table(docs, [0, 1], 1)])
-    pair = TokenizeAndPair(spec_for(tokenizer, nsp=NSPConfig(max_seq_len=24)))
+    pair = TokenizePairMask(spec_for(tokenizer, nsp=NSPConfig(max_seq_len=24)),
+                            columns=TRAINER_COLUMNS + ("doc_id", "b_doc_id", "pass_index"))
     not_next = 0
     for seed in range(20):
         pair.spec = spec_for(tokenizer, nsp=NSPConfig(max_seq_len=24), seed=seed)
