@@ -12,14 +12,6 @@ from bertray.config import BertConfig
 from bertray.model.bert import ACTIVATIONS, BertModel, BertModelOutput
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(4, before))
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**overrides) -> BertConfig:
     return BertConfig.preset("tiny", vocab_size=211, max_position_embeddings=64, **overrides)
 

@@ -15,14 +15,6 @@ from bertray.model.heads import (BertFeatureBasedTagger, BertForMultipleChoice, 
 VOCAB, HIDDEN, B, S = 97, 32, 3, 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(4, before))
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**overrides) -> BertConfig:
     base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=4,
                 intermediate_size=37, max_position_embeddings=32)

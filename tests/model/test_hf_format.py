@@ -23,14 +23,6 @@ transformers = pytest.importorskip("transformers")
 LOGGER = "bertray.model.hf_format"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(4, before))
-    yield
-    torch.set_num_threads(before)
-
-
 def small(**overrides) -> BertConfig:
     """The real vocabulary size with a narrow, shallow encoder: realistic head shapes, fast tests."""
     base = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

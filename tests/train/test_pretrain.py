@@ -149,6 +149,36 @@ def test_worker_crash_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
     assert 12 in checkpoint_steps(run)
 
 
+def test_two_phases_with_accumulation_continue_one_optimizer_across_a_crash(ray_cluster, tmp_path):
+    """The paper's schedule in miniature: phase 0 at sequence 32, phase 1 at 64 with its own P, both
+    through gradient accumulation (micro-batches of 8 of 16); a crash in phase 1 resumes from the
+    checkpoint that closed phase 0, and phase 1 continues that optimizer and schedule."""
+    from bertray.train.pretrain import run_pretraining
+
+    phases = [{"fraction": 0.5, "max_seq_len": 32, "max_predictions_per_seq": 5, "batch_size": 16},
+              {"fraction": 0.5, "max_seq_len": 64, "max_predictions_per_seq": 10, "batch_size": 16}]
+    cfg = small_config(str(tmp_path), **{"train.max_steps": 8, "train.log_every": 2, "train.checkpoint_every": 100,
+                                         "train.phases": phases, "train.micro_batch_size": 8,
+                                         "train.fail_at_step": 6, "run.max_failures": 1})
+    result = run_pretraining(cfg)
+    run = tmp_path / cfg.run.name
+    assert (run / ".fault_injected").read_text().startswith("crashed at step 6")
+    assert result.metrics["start_step"] == 4 and result.metrics["step"] == 8
+    assert checkpoint_steps(run) == [4, 8]           # each phase's last step checkpoints
+    assert result.metrics["sequences_seen"] == 8 * 16
+
+    history = {h["step"]: h for h in json.loads((run / "history.json").read_text())}
+    assert [history[s]["phase"] for s in (2, 4, 6, 8)] == [0, 0, 1, 1]
+    tokens_per_sequence = {s: history[s]["tokens_per_s"] / history[s]["sequences_per_s"] for s in (2, 4, 6, 8)}
+    assert max(tokens_per_sequence[2], tokens_per_sequence[4]) <= 32 < min(tokens_per_sequence[6], tokens_per_sequence[8])
+
+    state_4 = load_training_state(run / "checkpoint_00000004")
+    state_8 = load_training_state(run / "checkpoint_00000008")
+    assert {float(s["step"]) for s in state_4["optimizer"]["state"].values()} == {4.0}
+    assert {float(s["step"]) for s in state_8["optimizer"]["state"].values()} == {8.0}   # one optimizer, never reset
+    assert state_8["scheduler"]["last_epoch"] == 8
+
+
 def test_checkpoints_in_object_storage_and_resume_there(ray_cluster, s3_bucket):
     import s3fs
 
