@@ -45,8 +45,8 @@ def test_embedded_default_flow_end_to_end(ray_cluster, tmp_path):
     spec.loader.exec_module(flow)
     summary = tmp_path / "summary.json"
     code = flow.main(["--train.max_steps", "8", "--train.log_every", "4", "--train.eval_every", "0",
-                      "--train.eval_batches", "2", "--output", str(tmp_path / "runs"), "--name", "embedded",
-                      "--json", str(summary)])
+                      "--train.eval_batches", "2", "--train.checkpoint_every", "2", "--train.keep_checkpoints", "2",
+                      "--output", str(tmp_path / "runs"), "--name", "embedded", "--json", str(summary)])
     assert code == 0
     result = json.loads(summary.read_text())
     assert result["steps"] == 8
@@ -55,6 +55,7 @@ def test_embedded_default_flow_end_to_end(ray_cluster, tmp_path):
     assert checkpoint.name == "checkpoint_00000008"
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json"} <= {p.name for p in checkpoint.iterdir()}
     assert resolve_checkpoint(str(tmp_path / "runs" / "embedded")) == str(checkpoint)
+    assert checkpoint_steps(tmp_path / "runs" / "embedded") == [6, 8]      # the last train.keep_checkpoints
     assert result["pipeline"]["instances"] > 0 and result["pipeline"]["documents"] > 0
     # TensorBoard event files under the run directory, with the interval metrics as scalars.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
