@@ -368,6 +368,11 @@ def split_sentences(paragraph: str) -> list[str]:
 # Lines -> documents
 
 
+class DocumentPiece(list):
+    """A document after the first cut of one longer than `max_document_sentences`: the same source
+    text as the document read before it, so NSP must not draw a "random" B from the two."""
+
+
 class _DocumentBuilder:
     """Collects the sentences of the current document and hands finished documents to `ready`."""
 
@@ -383,6 +388,7 @@ class _DocumentBuilder:
         self.paragraph: list[str] = []
         self.paragraph_len = 0
         self.was_cut = False
+        self.pieces = 0
         self.ready: list[list[str]] = []
 
     def add_sentence(self, sentence: str) -> None:
@@ -429,6 +435,7 @@ class _DocumentBuilder:
             self.counters["empty_documents"] += 1
         self.started = False
         self.was_cut = False
+        self.pieces = 0
 
     def _append(self, sentence: str) -> None:
         self.sentences.append(sentence)
@@ -441,7 +448,8 @@ class _DocumentBuilder:
             self._emit()
 
     def _emit(self) -> None:
-        doc = self.sentences
+        doc = DocumentPiece(self.sentences) if self.pieces else self.sentences
+        self.pieces += int(self.was_cut)
         self.sentences = []
         counters = self.counters
         counters["documents"] += 1

@@ -132,7 +132,8 @@ def _run_end(cum: list[int], start: int, budget: int) -> int:
 
 
 def make_nsp_instances(documents: Sequence[Sequence[np.ndarray]], rng: np.random.Generator,
-                       cfg: NSPConfig, *, cls_id: int, sep_id: int, pad_id: int = 0) -> dict:
+                       cfg: NSPConfig, *, cls_id: int, sep_id: int, pad_id: int = 0,
+                       sources: Sequence[int] | None = None) -> dict:
     """NSP instances from a batch of tokenized documents (sentences as int token-id arrays).
 
     The batch is also the pool the random "other document" is drawn from. A pool of a few hundred
@@ -145,6 +146,10 @@ def make_nsp_instances(documents: Sequence[Sequence[np.ndarray]], rng: np.random
     slightly harder, not wrong; mixing files in a pool (as the pipeline does) removes even that.
     Only a pool of one document changes the data, and that case is handled explicitly (see the
     module docstring).
+
+    `sources` (one int per document, default: all different) says which documents are pieces of
+    one source text (a book cut at `max_document_sentences`): a random B never comes from a
+    document of the same source, and a pool holding a single source is a pool of one document.
 
     Returns `input_ids` int32 (N, max_seq_len) padded with `pad_id`, `token_type_ids` int8,
     `lengths` int32, `next_sentence_labels` int8 (0 IsNext, 1 NotNext), the provenance int32
@@ -162,6 +167,15 @@ def make_nsp_instances(documents: Sequence[Sequence[np.ndarray]], rng: np.random
                               "unpaired_dropped", "short_targets", "truncated_tokens"), 0)
     counters["documents"] = len(usable)
     counters["empty_documents"] = len(documents) - len(usable)
+    # Random B's are drawn from `pool`, the usable documents ordered by source, skipping the block
+    # [lo, hi) of the current document's source. With every source distinct, `pool` is `usable`
+    # and the block is the document itself.
+    source = np.arange(len(documents)) if sources is None else np.asarray(sources, dtype=np.int64)
+    usable_source = source[usable]
+    by_source = np.argsort(usable_source, kind="stable")
+    pool = [usable[i] for i in by_source]
+    block_lo = np.searchsorted(usable_source[by_source], usable_source, side="left").tolist()
+    block_hi = np.searchsorted(usable_source[by_source], usable_source, side="right").tolist()
 
     # One row per instance: token ranges in `flat` and sentence provenance, collected as Python ints.
     rows: list[tuple[int, ...]] = []
@@ -181,9 +195,10 @@ def make_nsp_instances(documents: Sequence[Sequence[np.ndarray]], rng: np.random
             random_next = size == 1 or uniforms.random() < cfg.nsp_prob
             b_doc, b_start, b_end = d, a_end, end
             next_start = end
-            if random_next and len(usable) > 1:
-                other = uniforms.integer(0, len(usable) - 2)
-                b_doc = usable[other + 1 if other >= u_pos else other]
+            lo, hi = block_lo[u_pos], block_hi[u_pos]
+            if random_next and len(pool) > hi - lo:
+                other = uniforms.integer(0, len(pool) - (hi - lo) - 1)
+                b_doc = pool[other + (hi - lo) if other >= lo else other]
                 b_start = uniforms.integer(0, len(batch.kept[b_doc]) - 1)
                 b_end = _run_end(batch.kept_cum[b_doc], b_start, target - (cum[a_end] - cum[start]))
                 next_start = a_end

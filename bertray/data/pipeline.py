@@ -22,7 +22,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from bertray.data.documents import CorpusCounters, CorpusLayout
+from bertray.data.documents import CorpusCounters, CorpusLayout, DocumentPiece
 from bertray.data.masking import MaskingConfig, causal_lm_targets, mask_tokens
 from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instances
 from bertray.data.seeding import derive_rng
@@ -95,13 +95,14 @@ class PipelineCounters:
 MIN_BUFFER_DOCS = 8   # a buffer closed by size still offers random-next B's from 7 other documents
 
 
-def _buffer_table(docs: list[list[str]], doc_ids: list[int], pass_index: int) -> pa.Table:
+def _buffer_table(docs: list[list[str]], doc_ids: list[int], sources: list[int], pass_index: int) -> pa.Table:
     """One row holds one whole NSP buffer. Ray Data batches rows by count, so were rows documents,
     a batch of 256 books would be hundreds of times the work of 256 tweets; as buffers, the reader
     decides their size and every actor call is of similar work, whatever the corpus."""
     return pa.table({
         "documents": pa.array([docs], type=pa.list_(pa.list_(pa.string()))),
         "doc_ids": pa.array([doc_ids], type=pa.list_(pa.int64())),
+        "sources": pa.array([sources], type=pa.list_(pa.int64())),   # the id of the first piece of a cut document
         "pass_index": pa.array([pass_index], type=pa.int32()),
     })
 
@@ -115,8 +116,10 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
     streams = {f.index: read_documents(f, spec.layout, counters, fmt=spec.corpus_format,
                                        storage_options=spec.storage_options) for f in files}
     next_doc = {index: 0 for index in streams}
+    source = {index: -1 for index in streams}
     docs: list[list[str]] = []
     ids: list[int] = []
+    sources: list[int] = []
     chars = 0
     while streams:
         for index in list(streams):
@@ -126,15 +129,28 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
                 continue
             docs.append(doc)
             ids.append((index << 32) | next_doc[index])
+            if not isinstance(doc, DocumentPiece):
+                source[index] = ids[-1]
+            sources.append(source[index])
             next_doc[index] += 1
             chars += sum(map(len, doc))
             if len(docs) >= spec.docs_per_batch or (chars >= spec.buffer_chars and len(docs) >= MIN_BUFFER_DOCS):
-                yield _buffer_table(docs, ids, pass_index)
-                docs, ids, chars = [], [], 0
+                _send_counters(counters, counters_actor)
+                yield _buffer_table(docs, ids, sources, pass_index)
+                docs, ids, sources, chars = [], [], [], 0
+    _send_counters(counters, counters_actor)
     if docs:
-        yield _buffer_table(docs, ids, pass_index)
-    if counters_actor is not None:
-        counters_actor.add.remote(counters.as_dict())
+        yield _buffer_table(docs, ids, sources, pass_index)
+
+
+def _send_counters(counters: CorpusCounters, counters_actor: Any) -> None:
+    """Hand the counts so far to the run's totals and zero them: sent with every buffer, they are
+    complete up to what was consumed even when the consumer stops before the read task ends."""
+    counts = {key: int(value) for key, value in counters.items() if value}
+    if counts and counters_actor is not None:
+        counters_actor.add.remote(counts)
+    for key in counters:
+        counters[key] = 0
 
 
 class CorpusDatasource(Datasource):
@@ -187,6 +203,9 @@ class TokenizePairMask:
         self.tokenizer = Tokenizer.from_str(spec.tokenizer_json)
         self.tokenizer.no_padding()      # sentences are packed into pairs later; a saved
         self.tokenizer.no_truncation()   # tokenizer.json may carry padding/truncation settings
+        # "[SEP]" written in the corpus is text, as Google's tokenizer reads it, not a separator
+        # inside A or B that no mask could ever pick.
+        self.tokenizer.encode_special_tokens = True
         self.specials = wordpiece.special_tokens(self.tokenizer)
         self.is_subword = wordpiece.subword_mask(self.tokenizer) if spec.masking.whole_word else None
         self.counters = counters_actor
@@ -195,21 +214,24 @@ class TokenizePairMask:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """Each buffer (row) on its own: two rows can be two passes over the same documents."""
         sp = self.specials
-        parts = [mask_batch(self._pair(docs, np.asarray(ids, dtype=np.int64), pass_index), self.spec, sp.mask,
-                            self.tokenizer.get_vocab_size(), (sp.cls, sp.sep, sp.pad), self.is_subword,
+        parts = [mask_batch(self._pair(docs, np.asarray(ids, dtype=np.int64), sources, pass_index), self.spec,
+                            sp.mask, self.tokenizer.get_vocab_size(), (sp.cls, sp.sep, sp.pad), self.is_subword,
                             self.counters, self.columns)
-                 for docs, ids, pass_index in zip(batch.column("documents").to_pylist(),
-                                                  batch.column("doc_ids").to_pylist(),
-                                                  batch.column("pass_index").to_pylist())]
+                 for docs, ids, sources, pass_index in zip(batch.column("documents").to_pylist(),
+                                                           batch.column("doc_ids").to_pylist(),
+                                                           batch.column("sources").to_pylist(),
+                                                           batch.column("pass_index").to_pylist())]
         return parts[0] if len(parts) == 1 else {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
-    def _pair(self, docs: list[list[str]], doc_ids: np.ndarray, pass_index: int) -> dict[str, np.ndarray]:
+    def _pair(self, docs: list[list[str]], doc_ids: np.ndarray, sources: list[int],
+              pass_index: int) -> dict[str, np.ndarray]:
         token_docs = self.encode(self.tokenizer, docs)
         rng = derive_rng(self.spec.seed, self.spec.generation, pass_index, int(doc_ids[0] >> 32),
                          int(doc_ids[0] & 0xFFFFFFFF), _STAGE_PAIR)
         sp = self.specials
         if self.spec.objective == "mlm_nsp":
-            out = make_nsp_instances(token_docs, rng, self.spec.nsp, cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad)
+            out = make_nsp_instances(token_docs, rng, self.spec.nsp, cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad,
+                                     sources=sources)
         else:
             out = make_packed_instances(token_docs, max_seq_len=self.spec.nsp.max_seq_len,
                                         cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad)

@@ -83,23 +83,27 @@ def _with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     return box["value"]
 
 
-def _is_hidden(path: str) -> bool:
-    name = posixpath.basename(path.rstrip("/"))
-    return name.startswith((".", "_"))
+def _is_hidden(path: str, root: str) -> bool:
+    """A name starting with '.' or '_' below `root`: `.git/`, Spark's `_temporary/`, `_SUCCESS`."""
+    below = path[len(root.rstrip("/")):] if path.startswith(root.rstrip("/")) else posixpath.basename(path)
+    return any(part.startswith((".", "_")) for part in below.split("/") if part)
 
 
 def _list_one(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple[str, int | None]]:
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
+    root = path
     if fsspec.core.has_magic(path):
         paths = fs.glob(path, detail=True)
         infos = [(p, info) for p, info in paths.items() if info.get("type") != "directory"]
+        root = posixpath.dirname(path.split("*")[0].split("?")[0].split("[")[0])
     elif fs.isdir(path):
         infos = list(fs.find(path, detail=True).items())
     elif fs.exists(path):
         infos = [(path, fs.info(path))]
+        root = posixpath.dirname(path)
     else:
         infos = []
-    files = sorted((p, info.get("size")) for p, info in infos if not _is_hidden(p))
+    files = sorted((p, info.get("size")) for p, info in infos if not _is_hidden(p, root))
     return [(fs.unstrip_protocol(p), size) for p, size in files]
 
 

@@ -276,3 +276,27 @@ def test_packed_instances_cover_documents_in_order():
             assert out["lengths"][i] - 2 + len(next_sentence) > seq - 2
     pieces = out["lengths"][(out["doc_index"] == 3) & (out["a_start"] == 2) & (out["a_end"] == 3)]
     assert list(pieces[:2]) == [seq, seq]
+
+
+def test_random_b_never_comes_from_a_piece_of_the_same_source():
+    """Documents 0-2 are pieces of one cut source, 3 and 4 of another: NotNext B's cross sources,
+    and a pool holding one source only is a pool of one document (no NotNext at all)."""
+    docs = unique_docs(np.random.default_rng(3), 5, sentences=(6, 7), tokens=(3, 8))
+    cfg = NSPConfig(max_seq_len=24)
+    sources = [0, 0, 0, 3, 3]
+    not_next = 0
+    for seed in range(30):
+        out = make_nsp_instances(docs, np.random.default_rng(seed), cfg, cls_id=CLS, sep_id=SEP, sources=sources)
+        random_b = out["next_sentence_labels"] == NOT_NEXT
+        a_source = np.array(sources)[out["doc_index"][random_b]]
+        b_source = np.array(sources)[out["b_doc_index"][random_b]]
+        assert np.all(a_source != b_source)
+        not_next += int(random_b.sum())
+    assert not_next > 100
+    one_source = make_nsp_instances(docs, np.random.default_rng(0), cfg, cls_id=CLS, sep_id=SEP, sources=[7] * 5)
+    assert not np.any(one_source["next_sentence_labels"] == NOT_NEXT)
+    assert one_source["counters"]["relabelled_is_next"] > 0
+    # Distinct sources (in document order) draw exactly what no sources draw: the default is unchanged.
+    plain = make_nsp_instances(docs, np.random.default_rng(1), cfg, cls_id=CLS, sep_id=SEP)
+    distinct = make_nsp_instances(docs, np.random.default_rng(1), cfg, cls_id=CLS, sep_id=SEP, sources=[10, 20, 30, 40, 50])
+    assert all(np.array_equal(plain[k], distinct[k]) for k in ("input_ids", "b_doc_index", "next_sentence_labels"))

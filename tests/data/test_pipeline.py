@@ -140,7 +140,7 @@ def test_a_batch_spanning_two_passes_never_pairs_a_document_with_its_own_copy(to
     from bertray.data.pipeline import TokenizePairMask, _buffer_table
 
     docs = [[f"document {d} says sentence {s} about topic {d}." for s in range(12)] for d in range(2)]
-    batch = pa.concat_tables([_buffer_table(docs, [0, 1], 0), _buffer_table(docs, [0, 1], 1)])
+    batch = pa.concat_tables([_buffer_table(docs, [0, 1], [0, 1], 0), _buffer_table(docs, [0, 1], [0, 1], 1)])
     pair = TokenizePairMask(spec_for(tokenizer, nsp=NSPConfig(max_seq_len=24)),
                             columns=TRAINER_COLUMNS + ("doc_id", "b_doc_id", "pass_index"))
     not_next = 0
@@ -171,3 +171,45 @@ def test_buffers_close_by_count_or_by_size(tmp_path, tokenizer, docs_per_batch, 
     assert all(b.num_rows == 1 and b.column("pass_index")[0].as_py() == 3 for b in buffers)
     ids = [i for b in buffers for i in b.column("doc_ids")[0].as_py()]
     assert ids == list(range(30))          # every document once, in order, file index 0
+
+
+def test_pieces_of_a_cut_book_share_a_source_and_never_pair_as_not_next(tmp_path, tokenizer):
+    """Two books, one file each, cut at 8 sentences (max_document_sentences): every piece of a book
+    carries the id of its first piece, and a NotNext B always comes from the other book."""
+    import dataclasses
+
+    from bertray.data.pipeline import TokenizePairMask, _read_file_group
+
+    for book in range(2):
+        (tmp_path / f"book{book}.txt").write_text("\n\n".join(
+            f"Book {book} paragraph {p} tells its own story." for p in range(40)) + "\n")
+    layout = dataclasses.replace(LAYOUT_PRESETS["gutenberg"], max_document_sentences=8)
+    spec = spec_for(tokenizer, layout=layout, nsp=NSPConfig(max_seq_len=32))
+    (buffer,) = _read_file_group(resolve_corpus(str(tmp_path)), 0, spec, None)
+    ids, sources = buffer.column("doc_ids")[0].as_py(), buffer.column("sources")[0].as_py()
+    assert len(ids) == 10                                     # 2 books x 5 pieces, interleaved
+    assert sorted(set(sources)) == [0, 1 << 32]               # each book's first piece
+    assert all(src >> 32 == i >> 32 for i, src in zip(ids, sources))
+    pair = TokenizePairMask(spec, columns=TRAINER_COLUMNS + ("doc_id", "b_doc_id"))
+    not_next = 0
+    for seed in range(10):
+        pair.spec = dataclasses.replace(spec, seed=seed)
+        out = pair(buffer)
+        random_b = out["next_sentence_labels"] == 1
+        assert np.all(out["b_doc_id"][random_b] >> 32 != out["doc_id"][random_b] >> 32)
+        not_next += int(random_b.sum())
+    assert not_next > 50
+
+
+def test_special_tokens_written_in_the_corpus_are_text(tokenizer):
+    """A literal "[SEP]" or "[MASK]" in a document is split like any bracketed word, so the only
+    [CLS]/[SEP] ids of an instance are the ones its layout puts there."""
+    import pyarrow as pa
+
+    from bertray.data.pipeline import TokenizePairMask, _buffer_table
+
+    docs = [[f"Doc {d} line {s} has [SEP] and [MASK] and [CLS] inside." for s in range(6)] for d in range(3)]
+    spec = spec_for(tokenizer, nsp=NSPConfig(max_seq_len=64))
+    out = TokenizePairMask(spec)(pa.concat_tables([_buffer_table(docs, [0, 1, 2], [0, 1, 2], 0)]))
+    sep, cls = tokenizer.token_to_id("[SEP]"), tokenizer.token_to_id("[CLS]")
+    assert np.all((out["input_ids"] == cls).sum(1) == 1) and np.all((out["input_ids"] == sep).sum(1) == 2)

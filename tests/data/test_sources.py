@@ -34,12 +34,16 @@ def test_directory_glob_and_file_resolution(tmp_path):
     (tmp_path / "sub" / "c.txt").write_text(TEXT)
     (tmp_path / ".hidden.txt").write_text(TEXT)
     (tmp_path / "_SUCCESS").write_text("")
+    for hidden in (".git", "_temporary"):          # whole directories of tool litter
+        (tmp_path / hidden).mkdir()
+        (tmp_path / hidden / "part-0.txt").write_text(TEXT)
     files = resolve_corpus(str(tmp_path))
     names = [f.url.rsplit("/", 1)[-1] for f in files]
     assert names == ["a.txt", "b.txt", "c.txt"]
     assert [f.index for f in files] == [0, 1, 2]
     assert all(f.size == len(TEXT) for f in files)
     assert len(resolve_corpus(str(tmp_path / "*.txt"))) == 2
+    assert len(resolve_corpus(str(tmp_path / "**" / "*.txt"))) == 3
     assert len(resolve_corpus([str(tmp_path / "a.txt"), str(tmp_path / "a.txt")])) == 1
 
 
