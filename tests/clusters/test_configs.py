@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import pathlib
 import re
@@ -371,3 +372,47 @@ def test_docs_say_how_to_get_and_pass_the_token():
         for needle in ("ray get-auth-token", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH", "Authorization: Bearer",
                        "ray dashboard"):
             assert needle in text, f"{_id(path)} does not mention {needle!r}"
+
+
+def _documented_flow_commands() -> list[tuple[str, str, list[str]]]:
+    """(file, flow, argv) of every `python flows/<flow>.py ...` command in the guides' bash blocks,
+    with backslash continuations joined and shell comments dropped."""
+    import re
+    import shlex
+
+    found = []
+    for path in (REPO / "README.md", REPO / "docs" / "operations.md", CLUSTERS / "README.md"):
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                for i, word in enumerate(words[:-1]):
+                    if word == "python" and re.fullmatch(r"flows/\w+\.py", words[i + 1]):
+                        argv = list(itertools.takewhile(lambda w: w not in ("&&", "||", "|", ";"), words[i + 2:]))
+                        found.append((_id(path), words[i + 1][6:-3], argv))
+    return found
+
+
+def test_documented_flow_commands_are_valid():
+    """Every command the guides tell a user to run parses, and its configuration validates (a smoke
+    run with a step count below the config's warm-up, say, would stop with a ConfigError)."""
+    import importlib.util
+
+    from bertray.cli import config_from_args
+    from bertray.config import PretrainConfig
+    from bertray.tune.finetune import load_config
+
+    commands = _documented_flow_commands()
+    assert {"pretrain", "finetune", "inspect_data"} <= {flow for _, flow, _ in commands}
+    for where, flow, argv in commands:
+        spec = importlib.util.spec_from_file_location(f"doc_{flow}", REPO / "flows" / f"{flow}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        args = module.build_parser().parse_args(argv)
+        if flow in ("pretrain", "inspect_data"):
+            config_from_args(PretrainConfig, args, {"data.corpus": args.corpus,
+                                                    "run.output": getattr(args, "output", None),
+                                                    "run.name": getattr(args, "name", None)})
+        elif flow == "finetune":
+            overrides = module.overrides_from(args)
+            default = "finetune-paper.yaml" if "data" in overrides else "finetune-embedded.yaml"
+            load_config(args.config or str(REPO / "flows" / "configs" / default), overrides)
