@@ -111,7 +111,9 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
                      counters_actor: Any) -> Iterator[pa.Table]:
     """Interleave the documents of a few files round-robin, so every buffer mixes documents from
     several files even when each file holds a single document; close a buffer at `docs_per_batch`
-    documents or, once it holds `MIN_BUFFER_DOCS`, at `buffer_chars` characters."""
+    documents or, once it holds `MIN_BUFFER_DOCS`, at `buffer_chars` characters. A closed buffer is
+    held back until the next one closes, so that a remainder of fewer than `MIN_BUFFER_DOCS`
+    documents at the end joins it instead of forming a pool too small for random-next B's."""
     counters = CorpusCounters()
     streams = {f.index: read_documents(f, spec.layout, counters, fmt=spec.corpus_format,
                                        storage_options=spec.storage_options) for f in files}
@@ -120,6 +122,7 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
     docs: list[list[str]] = []
     ids: list[int] = []
     sources: list[int] = []
+    held: tuple[list, list, list] | None = None
     chars = 0
     while streams:
         for index in list(streams):
@@ -135,10 +138,16 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
             next_doc[index] += 1
             chars += sum(map(len, doc))
             if len(docs) >= spec.docs_per_batch or (chars >= spec.buffer_chars and len(docs) >= MIN_BUFFER_DOCS):
-                _send_counters(counters, counters_actor)
-                yield _buffer_table(docs, ids, sources, pass_index)
+                if held is not None:
+                    _send_counters(counters, counters_actor)
+                    yield _buffer_table(*held, pass_index)
+                held = (docs, ids, sources)
                 docs, ids, sources, chars = [], [], [], 0
     _send_counters(counters, counters_actor)
+    if held is not None and len(docs) < MIN_BUFFER_DOCS:
+        docs, ids, sources = (a + b for a, b in zip(held, (docs, ids, sources)))
+    elif held is not None:
+        yield _buffer_table(*held, pass_index)
     if docs:
         yield _buffer_table(docs, ids, sources, pass_index)
 

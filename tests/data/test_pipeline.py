@@ -155,9 +155,10 @@ def test_a_batch_spanning_two_passes_never_pairs_a_document_with_its_own_copy(to
 
 
 @pytest.mark.parametrize("docs_per_batch, buffer_chars, sizes", [
-    (4, 10**9, [4] * 7 + [2]),          # closed by document count
-    (256, 5_000, [8] * 3 + [6]),        # closed by size once it holds 8 documents (~950 chars each)
-    (256, 20_000, [21, 9]),             # closed by size: 21 x ~950 chars
+    (4, 10**9, [4] * 6 + [6]),          # closed by document count; the last 2 join the buffer before
+    (256, 5_000, [8] * 2 + [14]),       # closed by size once it holds 8 documents (~950 chars each)
+    (256, 20_000, [21, 9]),             # closed by size: 21 x ~950 chars; 9 left is a pool of its own
+    (32, 10**9, [30]),                  # never closed: one buffer
 ])
 def test_buffers_close_by_count_or_by_size(tmp_path, tokenizer, docs_per_batch, buffer_chars, sizes):
     from bertray.data.pipeline import _read_file_group
