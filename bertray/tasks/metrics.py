@@ -3,8 +3,10 @@
 Classification and correlation metrics follow scikit-learn / SciPy exactly (including what they
 return for degenerate input), so numbers are comparable with every published GLUE script.
 SQuAD scoring is the official `evaluate-v2.0.py` (a superset of v1.1: the two only differ on
-empty answers, which v1.1 never has). Entity F1 extracts chunks with the `conlleval` rules that
-`seqeval`'s default mode also uses, so IOB1 and IOB2 sequences are both scored correctly.
+empty answers, which v1.1 never has), except where that script contradicts itself: a missing
+prediction (see `squad_scores`) and the best-threshold search (see `find_best_thresh`). Entity
+F1 extracts chunks with the `conlleval` rules that `seqeval`'s default mode also uses, so IOB1
+and IOB2 sequences are both scored correctly.
 
 All functions return fractions (accuracy 0.87, not 87); SQuAD's returns percentages because the
 official script does. The task modules scale to the paper's percentages.
@@ -16,6 +18,7 @@ import collections
 import math
 import re
 import string
+from fractions import Fraction
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -136,6 +139,26 @@ def squad_gold_answers(texts: Iterable[str]) -> list[str]:
     return kept or [""]
 
 
+# The no-answer decision rule (SQuAD v2.0), written down here and nowhere else: a question whose
+# no-answer score is `na_prob` (our decoder's null odds, null_score - best_span_score) is answered
+# with its best non-null span when `na_prob <= thresh`, and abstained on ("") when
+# `na_prob > thresh`. This is `apply_no_ans_threshold` of `evaluate-v2.0.py` (its
+# `--na-prob-thresh`), so a threshold found here can be given to the official script together
+# with our null-odds file. In the paper's terms (non-null when s_span > s_null + tau_paper) this is
+# tau_paper = -thresh, except on exact equality s_span - s_null == tau_paper, which is answered here.
+
+
+def abstains(na_prob: float, thresh: float) -> bool:
+    """The decision rule above: True = predict "" (no answer)."""
+    return na_prob > thresh
+
+
+def apply_no_answer_threshold(predictions: Mapping[str, str], na_probs: Mapping[str, float],
+                              thresh: float) -> dict[str, str]:
+    """`predictions` (the best non-null answers) with "" wherever the rule above abstains."""
+    return {qid: "" if abstains(na_probs[qid], thresh) else text for qid, text in predictions.items()}
+
+
 def squad_scores(
     gold: Mapping[str, Sequence[str]],
     predictions: Mapping[str, str],
@@ -143,10 +166,16 @@ def squad_scores(
 ) -> dict[str, float]:
     """Official SQuAD scores, in percent: `exact_match`, `f1`, `total`; with any unanswerable
     question also the HasAns_/NoAns_ breakdown; with `na_probs` (higher = more likely no
-    answer) also `best_exact`/`best_f1` and the thresholds that reach them.
+    answer) also `best_exact`/`best_f1` and the thresholds that reach them (`find_best_thresh`,
+    with `predictions` taken as the non-null answers).
 
-    `gold` maps question id -> gold answer texts (empty for unanswerable). A question missing
-    from `predictions` scores 0, as in the official script.
+    `gold` maps question id -> gold answer texts (empty for unanswerable). A gold question
+    missing from `predictions` scores 0 (EM and F1) and still counts in every total, overall and
+    HasAns/NoAns. That is what the official v1.1 script does ("will receive score 0"); the
+    official v2.0 script instead skips it ("Missing prediction for ..."), divides the overall
+    scores by the number of *predicted* questions, and then fails (KeyError) in the HasAns/NoAns
+    breakdown, so v2.0 defines no score for an incomplete prediction file and we keep v1.1's.
+    Predictions for questions not in `gold` are ignored.
     """
     exact, f1, has_answer = {}, {}, {}
     for qid, texts in gold.items():
@@ -178,8 +207,11 @@ def _squad_totals(exact: Mapping[str, float], f1: Mapping[str, float], qids: lis
     total = len(qids)
     if not total:
         return {"exact": 0.0, "f1": 0.0, "total": 0}
-    return {"exact": 100.0 * sum(exact[q] for q in qids) / total,
-            "f1": 100.0 * sum(f1[q] for q in qids) / total, "total": total}
+    return {"exact": _percent(exact, qids), "f1": _percent(f1, qids), "total": total}
+
+
+def _percent(scores: Mapping[str, float], qids: list[str]) -> float:
+    return 100.0 * sum(scores[q] for q in qids) / len(qids)
 
 
 def find_best_thresh(
@@ -188,23 +220,58 @@ def find_best_thresh(
     na_probs: Mapping[str, float],
     has_answer: Mapping[str, bool],
 ) -> tuple[float, float]:
-    """The official sweep: answer the questions whose no-answer score is at most the threshold,
-    abstain on the rest; return (best score in percent, its threshold).
+    """(best score in percent, its threshold) over all thresholds of the no-answer rule above.
 
-    It starts from "abstain everywhere" with threshold 0.0, exactly as `evaluate-v2.0.py` does.
+    `scores[qid]`, for every gold question, is the score of answering with `predictions[qid]`
+    (0 where the prediction is missing). Abstaining scores 1 on an unanswerable question and 0 on
+    an answerable one; a question without a prediction scores 0 whatever the threshold. Every
+    predicted question in `scores` needs an `na_probs` entry (not NaN).
+
+    Only thresholds between distinct no-answer scores are candidates: `thresh = v` for each
+    distinct value `v` (answers exactly the questions with `na_prob <= v`), and, for "abstain
+    everywhere", the largest float below the smallest `na_prob`. Of equal scores the smallest
+    threshold (most abstentions) wins, as with the official sweep's strict `>`; the comparison is
+    exact (the running totals are kept as fractions). The returned score is then recomputed from
+    the decisions at the returned threshold, summed the way `squad_scores` sums, so
+    `squad_scores(gold, apply_no_answer_threshold(predictions, na_probs, thresh))` gives exactly it.
+
+    Where this departs from `find_best_thresh` of `evaluate-v2.0.py` (same inputs and outputs),
+    each time because the official value is not what its own threshold gives: (1) it updates its
+    best inside a group of tied `na_prob`s, so it can report a score no threshold reaches; (2) when
+    abstaining everywhere is best it returns 0.0, which answers every `na_prob <= 0`; (3) answering
+    an unanswerable question costs 1 there whenever the prediction string is non-empty, even one
+    that normalises to "" ("The") and so scores as an abstention; here it costs `1 - scores[qid]`;
+    (4) it counts missing predictions as abstentions in its starting score but leaves them out of
+    the denominator. Without ties, missing predictions or such answers the two report the same
+    best score, and the same threshold unless abstaining everywhere is best.
     """
-    score = best = float(sum(1 for q in scores if not has_answer[q]))
-    best_thresh = 0.0
-    for qid in sorted(na_probs, key=lambda q: na_probs[q]):
-        if qid not in scores:
-            continue
-        if has_answer[qid]:
-            score += scores[qid]
-        elif predictions.get(qid):
-            score -= 1
-        if score > best:
-            best, best_thresh = score, na_probs[qid]
-    return 100.0 * best / max(len(scores), 1), float(best_thresh)
+    qids = list(scores)
+    if not qids:
+        return 0.0, 0.0
+    abstain = {q: (0 if has_answer[q] else 1) if q in predictions else 0 for q in qids}
+    answerable = [q for q in qids if q in predictions]
+    missing = [q for q in answerable if q not in na_probs]
+    if missing:
+        raise ValueError(f"no no-answer score for {len(missing)} predicted question(s), e.g. {missing[0]!r}")
+    if any(math.isnan(na_probs[q]) for q in answerable):
+        raise ValueError("a no-answer score is NaN; the threshold rule is undefined there")
+    order = sorted(answerable, key=lambda q: na_probs[q])
+    thresh = 0.0                                       # nothing to decide: any threshold gives the same
+    best: Fraction | None = None
+    if order and na_probs[order[0]] > -math.inf:       # "abstain everywhere" is reachable
+        best, thresh = Fraction(0), math.nextafter(float(na_probs[order[0]]), -math.inf)
+    running, i = Fraction(0), 0                        # gain over abstaining everywhere, exact
+    while i < len(order):
+        value = na_probs[order[i]]
+        while i < len(order) and na_probs[order[i]] == value:   # a tie group is answered as a whole
+            q = order[i]
+            running += Fraction(float(scores[q])) - abstain[q]
+            i += 1
+        if best is None or running > best:
+            best, thresh = running, float(value)
+    decided = {q: scores[q] if q in predictions and not abstains(na_probs[q], thresh) else abstain[q]
+               for q in qids}
+    return _percent(decided, qids), float(thresh)
 
 
 # --------------------------------------------------------------------------------------------

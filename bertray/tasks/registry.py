@@ -57,7 +57,12 @@ class TaskSpec:
     """One row of the task table. `read`, `featurize`, `decode` and `evaluate` dispatch on
     `family`; keyword options go through to the family's function (span tasks: `doc_stride`,
     `max_query_len`, `keep_offsets` to featurize; `tau`, `n_best`, `max_answer_len` to decode
-    and evaluate). The other families take none, so a misspelt option fails loudly."""
+    and evaluate). The other families take none, so a misspelt option fails loudly.
+
+    SQuAD 2.0's no-answer threshold: `evaluate` tunes it on the examples it is given unless
+    `tau` is passed (the paper: tau chosen on dev for the best F1), so its `f1`/`exact_match` (and
+    the trial score) are at the tuned `tau`, next to the untuned `f1_at_0`/`exact_match_at_0`;
+    `decode` applies `tau` (default 0), so pass it the evaluated `tau` to get those predictions."""
 
     name: str
     family: FamilyName
@@ -210,7 +215,7 @@ _TABLE = (
     TaskSpec("squad1", "span", "SQuAD1.1 EM/F1", "squad/v1.1", {"train": "train-v1.1.json", "dev": "dev-v1.1.json"},
              ("dev",), ("f1", "exact_match"), Grid((5e-5,), (32,), (3,)), 384),
     TaskSpec("squad2", "span", "SQuAD2.0 EM/F1", "squad/v2.0", {"train": "train-v2.0.json", "dev": "dev-v2.0.json"},
-             ("dev",), ("f1", "exact_match", "best_f1", "best_exact"), Grid((5e-5,), (48,), (2,)), 384,
+             ("dev",), ("f1", "exact_match", "tau", "f1_at_0", "exact_match_at_0"), Grid((5e-5,), (48,), (2,)), 384,
              allow_no_answer=True),
     TaskSpec("swag", "multiple_choice", "SWAG", "swag", {"train": "train.csv", "dev": "val.csv", "test": "test.csv"},
              ("dev",), ("accuracy",), Grid((2e-5,), (16,), (3,)), 128, test_splits=("test",)),

@@ -7,16 +7,20 @@ answers at most 30 tokens). Characters map to tokens through the tokenizer's off
 goes back to the exact substring of the original context, with no whitespace re-alignment.
 
 v2.0 no-answer: the span at `[CLS]` (position 0). Its score is the smallest
-`start_logit[0] + end_logit[0]` over the question's windows; the answer is "" when
-`null_score - best_span_score > tau`, and `best_tau` picks tau on dev the way the official
-`evaluate-v2.0.py` reports `best_f1_thresh`.
+`start_logit[0] + end_logit[0]` over the question's windows; the null odds are
+`null_score - best_span_score` and the answer is "" when `null_odds > tau` (the rule is
+`metrics.abstains`, the official script's `--na-prob-thresh`; the paper's threshold is -tau).
+As in the paper, tau is chosen on dev for the best F1: `evaluate_squad` does that by default and
+reports EM/F1 at that tau (and at tau = 0), and `best_tau` returns it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -276,12 +280,19 @@ def decode_squad(examples: Sequence[SquadExample], features: Mapping[str, np.nda
                  end_logits: np.ndarray, *, allow_no_answer: bool = False, tau: float = 0.0, n_best: int = N_BEST,
                  max_answer_len: int = MAX_ANSWER_LEN) -> tuple[dict[str, str], dict[str, float]]:
     """Predictions `{qid: text}` in the official format and, for v2.0, the null odds
-    `{qid: null_score - best_span_score}` (the official `na_prob` file; empty for v1.1)."""
+    `{qid: null_score - best_span_score}` (the official `na_prob` file; empty for v1.1). v2.0
+    answers "" where `metrics.abstains(odds, tau)`; pass the tau tuned on dev (`best_tau`, or the
+    `tau` that `evaluate_squad` reports) to decode as the reported scores were computed."""
     best = _best_spans(examples, features, start_logits, end_logits, n_best, max_answer_len)
+    texts = {qid: b.text for qid, b in best.items()}
     if not allow_no_answer:
-        return {qid: b.text for qid, b in best.items()}, {}
-    odds = {qid: b.null_score - b.score for qid, b in best.items()}
-    return {qid: "" if odds[qid] > tau else b.text for qid, b in best.items()}, odds
+        return texts, {}
+    odds = _null_odds(best)
+    return metrics.apply_no_answer_threshold(texts, odds, tau), odds
+
+
+def _null_odds(best: Mapping[str, _Best]) -> dict[str, float]:
+    return {qid: b.null_score - b.score for qid, b in best.items()}
 
 
 def _gold(examples: Sequence[SquadExample]) -> dict[str, list[str]]:
@@ -289,34 +300,58 @@ def _gold(examples: Sequence[SquadExample]) -> dict[str, list[str]]:
 
 
 def evaluate_squad(examples: Sequence[SquadExample], features: Mapping[str, np.ndarray], start_logits: np.ndarray,
-                   end_logits: np.ndarray, *, allow_no_answer: bool = False, tau: float = 0.0,
+                   end_logits: np.ndarray, *, allow_no_answer: bool = False, tau: float | None = None,
                    n_best: int = N_BEST, max_answer_len: int = MAX_ANSWER_LEN) -> dict[str, float]:
-    """Official scores of the decoded predictions: `exact_match`, `f1` (percent); for v2.0 at
-    threshold `tau`, with the HasAns/NoAns breakdown and `best_exact`/`best_f1` and their
-    thresholds, swept over the non-null predictions' null odds."""
+    """Official scores of the decoded predictions: `exact_match`, `f1` (percent), `total`.
+
+    v2.0 (`allow_no_answer`): with `tau=None` (the default) the threshold is tuned on these
+    examples, the paper's protocol on dev: tau = the best-F1 threshold (`metrics.find_best_thresh`),
+    and `exact_match`, `f1` and the HasAns/NoAns breakdown are those of the predictions decoded at
+    it (so `f1 == best_f1`). A given `tau` is applied as it is. Also reported: `tau`,
+    `exact_match_at_0`/`f1_at_0` (the untuned threshold 0) and the official script's
+    `best_exact`/`best_f1` with their thresholds. v1.1 takes no threshold (`tau` is ignored)."""
     best = _best_spans(examples, features, start_logits, end_logits, n_best, max_answer_len)
     gold = _gold(examples)
+    texts = {qid: b.text for qid, b in best.items()}
     if not allow_no_answer:
-        return metrics.squad_scores(gold, {qid: b.text for qid, b in best.items()})
-    odds = {qid: b.null_score - b.score for qid, b in best.items()}
-    predictions = {qid: "" if odds[qid] > tau else b.text for qid, b in best.items()}
-    out = metrics.squad_scores(gold, predictions)
-    sweep = metrics.squad_scores(gold, {qid: b.text for qid, b in best.items()}, na_probs=odds)
+        return metrics.squad_scores(gold, texts)
+    odds = _null_odds(best)
+    sweep = metrics.squad_scores(gold, texts, na_probs=odds)
+    if tau is None:
+        tau = sweep["best_f1_thresh"]
+    out = metrics.squad_scores(gold, metrics.apply_no_answer_threshold(texts, odds, tau))
+    at_0 = metrics.squad_scores(gold, metrics.apply_no_answer_threshold(texts, odds, 0.0))
+    out.update(tau=float(tau), exact_match_at_0=at_0["exact_match"], f1_at_0=at_0["f1"])
     out.update({k: v for k, v in sweep.items() if k.startswith("best_")})
     return out
 
 
 def best_tau(examples: Sequence[SquadExample], features: Mapping[str, np.ndarray], start_logits: np.ndarray,
              end_logits: np.ndarray, *, n_best: int = N_BEST, max_answer_len: int = MAX_ANSWER_LEN) -> float:
-    """The null-score threshold with the best dev F1 (the official `best_f1_thresh`)."""
+    """The null-odds threshold with the best F1 on these examples (`best_f1_thresh`); decoding
+    with it (`decode_squad(..., tau=...)`) gives exactly that F1."""
     return evaluate_squad(examples, features, start_logits, end_logits, allow_no_answer=True,
-                          n_best=n_best, max_answer_len=max_answer_len)["best_f1_thresh"]
+                          n_best=n_best, max_answer_len=max_answer_len)["tau"]
+
+
+# The stand-in for +/-inf null odds in JSON (strict JSON has no Infinity): a question no window
+# proposes a span for has odds +inf (and the prediction "" whatever the threshold). The largest
+# finite float is above every finite odds value, so any threshold below it decides the same on
+# the written file (the official script's `--na-prob-thresh`) as our decoder did.
+ODDS_LIMIT = sys.float_info.max
+
+
+def _json_number(value: float) -> float:
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("NaN cannot be written as a JSON number")
+    return math.copysign(ODDS_LIMIT, value) if math.isinf(value) else value
 
 
 def write_predictions(values: Mapping[str, str] | Mapping[str, float], path: str | os.PathLike) -> None:
     """Write `{qid: text}` (predictions.json) or `{qid: odds}` (null_odds.json) as the official
-    evaluation scripts read them."""
+    evaluation scripts read them: strict JSON, +/-inf odds written as +/-`ODDS_LIMIT`."""
     with fsspec.open(os.fspath(path), "w", encoding="utf-8") as f:
-        json.dump({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in values.items()}, f,
-                  ensure_ascii=False, indent=2)
+        json.dump({k: (_json_number(v) if isinstance(v, (float, np.floating)) else v) for k, v in values.items()}, f,
+                  ensure_ascii=False, indent=2, allow_nan=False)
         f.write("\n")

@@ -10,6 +10,9 @@ the paper's fine-tuning is single-device):
     reports          `tune.report` after every epoch: `score` (the task's primary dev metric, which
                      selection and ASHA use, mode max), `epoch`, `train_loss`, every `{split}_{metric}`;
                      the last epoch's report carries the trial's prediction files as its checkpoint
+    tuners           one Tuner runs every trial; with `scheduler: asha`, one Tuner per (checkpoint, task),
+                     run one after another, so that ASHA compares only trials of the same task and row
+                     (CoLA's Matthews correlation is no SST-2 accuracy, random init no pretrained start)
     failures         `FailureConfig(max_failures=N)` reruns a failed trial from scratch; a trial that
                      still fails is listed as FAILED with its error in every results file
     selection        per (checkpoint, task) the trial with the best `score` (`results.select_best`)
@@ -79,7 +82,8 @@ class FinetuneConfig:
     clip_grad_norm: float = doc(1.0, "clip gradients to this global norm (0: off)")
     eval_batch_size: int = doc(128, "batch size for scoring the dev sets")
     scheduler: Literal["none", "asha"] = doc("none", "none: every trial runs all its epochs; asha: stop weak "
-                                                     "trials early (on `score`, after each epoch)")
+                                                     "trials early (on `score`, after each epoch; compared per "
+                                                     "(row, task), one such group after another)")
     cpus_per_trial: float = doc(0.0, "CPUs per trial (0: auto, 1 on CPU-only clusters, CPUs per GPU up to 8 "
                                      "with GPUs); torch uses that many threads")
     gpus_per_trial: float | None = doc(None, "GPUs per trial (null: 1 when the cluster has GPUs, else 0)")
@@ -315,11 +319,39 @@ def _error_text(error: BaseException | None) -> str | None:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
+def _groups(trials: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The trials by (row, task), in sweep order. ASHA may only compare trials of one group (one
+    task's metric, one starting point), so with it each group gets its own Tuner and scheduler."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault((t["row"], t["trial"]["task"]), []).append(t)
+    return groups
+
+
+def _fit(cfg: FinetuneConfig, trials: Sequence[dict[str, Any]], resources: dict[str, float], storage_path: str,
+         storage_fs: Any, name: str, verbose: int) -> Any:
+    """Build and fit one Tuner over `trials` (a fresh ASHA scheduler with `scheduler: asha`); the ResultGrid."""
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max(t["trial"]["epochs"] for t in trials), grace_period=1,
+                               reduction_factor=2) if cfg.scheduler == "asha" else None)
+    tuner = tune.Tuner(
+        tune.with_resources(finetune_trial, resources),
+        param_space={"job": tune.grid_search(list(trials))},
+        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=cfg.max_concurrent_trials or None,
+                                    trial_dirname_creator=lambda t: f"{t.config['job']['trial']['task']}_{t.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  verbose=verbose),
+    )
+    return tuner.fit()
+
+
 def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tuning results") -> SweepResult:
     """Run every trial of `cfg` on the connected Ray cluster (call `ray.init` first) and write the results."""
     import ray
-    import ray.tune as tune
-    from ray.tune.schedulers import ASHAScheduler
 
     started = time.perf_counter()
     specs = resolve_tasks(cfg.tasks)
@@ -331,28 +363,23 @@ def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tunin
                                   else os.path.join(tempfile.gettempdir(), "bertray-cache"))
     trials = trial_configs(cfg, rows, specs, cache_dir=_absolute(cache_dir),
                            threads=max(1, int(resources["cpu"])))
-    max_epochs = max(t["trial"]["epochs"] for t in trials)
     storage_path, storage_fs = _storage(output)
     experiment = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     log.info("%d trials (%s), %s per trial, experiment %s", len(trials), ", ".join(s.name for s in specs),
              resources, experiment)
 
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=1, reduction_factor=2)
-                 if cfg.scheduler == "asha" else None)
-    tuner = tune.Tuner(
-        tune.with_resources(finetune_trial, resources),
-        param_space={"job": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=cfg.max_concurrent_trials or None,
-                                    trial_dirname_creator=lambda t: f"{t.config['job']['trial']['task']}_{t.trial_id}"),
-        run_config=tune.RunConfig(name=experiment, storage_path=storage_path, storage_filesystem=storage_fs,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                  verbose=verbose),
-    )
-    grid = tuner.fit()
+    results: list[Any] = []
+    if cfg.scheduler != "asha":     # one Tuner, every trial concurrent as resources allow
+        results.extend(_fit(cfg, trials, resources, storage_path, storage_fs, experiment, verbose))
+    else:                           # one Tuner per (row, task) in turn, at <experiment>/<i>-<row>-<task>/
+        groups = _groups(trials)
+        for i, ((row, task), members) in enumerate(groups.items(), 1):
+            log.info("asha group %d/%d: %s / %s, %d trials", i, len(groups), row, task, len(members))
+            results.extend(_fit(cfg, members, resources, f"{storage_path}/{experiment}", storage_fs,
+                                f"{i}-{tables.slug(row)}-{task}", verbose))
 
     records = []
-    for result in grid:
+    for result in results:
         job = (result.config or {}).get("job") or {}
         trial = job.get("trial", {})
         reported = result.metrics or {}
@@ -369,7 +396,7 @@ def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tunin
     records.sort(key=lambda r: (row_order.get(r.row, len(rows)), task_order.get(r.task, len(specs)),
                                 *(r.config.get(k) or 0 for k in tables.GRID_KEYS)))
     best = tables.select_best(records)
-    predictions = _collect_predictions(best, grid, output, single_row=len(rows) == 1) if cfg.predictions else {}
+    predictions = _collect_predictions(best, results, output, single_row=len(rows) == 1) if cfg.predictions else {}
     for key, folder in predictions.items():
         best[key].predictions = folder
     setting = {**to_mapping(cfg), "rows": [dataclasses.asdict(r) for r in rows], "resources_per_trial": resources,
@@ -386,10 +413,11 @@ _TUNE_KEYS = frozenset({"timestamp", "time_this_iter_s", "time_total_s", "pid", 
                         "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "done"})
 
 
-def _collect_predictions(best: dict[tuple[str, str], TrialRecord], grid: Any, output: str, *,
+def _collect_predictions(best: dict[tuple[str, str], TrialRecord], results: Sequence[Any], output: str, *,
                          single_row: bool) -> dict[tuple[str, str], str]:
-    """Copy each winner's prediction files (its Tune checkpoint) to <output>/predictions/[<row>/]<task>/."""
-    by_id = {str((r.metrics or {}).get("trial_id", "")): r for r in grid}
+    """Copy each winner's prediction files (its Tune checkpoint) to <output>/predictions/[<row>/]<task>/;
+    `results` are the Tune results of all the sweep's Tuners (trial ids are unique across them)."""
+    by_id = {str((r.metrics or {}).get("trial_id", "")): r for r in results}
     out = {}
     fs, root = fsspec.core.url_to_fs(output)
     for (row, task), record in best.items():

@@ -362,7 +362,9 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
     Metrics per epoch: `score` (the task's primary metric on its first dev split; the key Tune
     selects and schedules on), `epoch`, `train_loss`, `step`, `{split}_{metric}` for every dev
     split, `train_examples_per_s`, `elapsed_s`. `files_dir` (default: a temporary folder) receives
-    the prediction files of the last epoch.
+    the prediction files of the last epoch. SQuAD 2.0 is scored at the no-answer threshold tuned
+    on each dev split for the best F1 (`{split}_tau`, the untuned `{split}_f1_at_0` beside it),
+    and its predictions files are decoded at that same threshold.
     """
     if cfg.fail:
         raise InjectedFault(f"injected failure for {cfg.task} (lr={cfg.learning_rate:g}, batch={cfg.batch_size}, "
@@ -429,11 +431,14 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
             raise FloatingPointError(f"{spec.name}: training loss is {train_loss} in epoch {epoch}; "
                                      f"lower the learning rate ({cfg.learning_rate:g})")
         metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": train_loss}
-        outputs = {}
+        outputs, taus = {}, {}
         for s in eval_sets:
             outputs[s.split] = predict(model, spec, s.features, batch_size=cfg.eval_batch_size, device=device)
             if s.labelled:
-                metrics.update(flat_metrics(s.split, spec.evaluate(s.examples, s.features, outputs[s.split])))
+                scores = spec.evaluate(s.examples, s.features, outputs[s.split])
+                metrics.update(flat_metrics(s.split, scores))
+                if "tau" in scores:        # SQuAD 2.0: the no-answer threshold tuned on this split
+                    taus[s.split] = scores["tau"]
         metrics["score"] = metrics[f"{spec.dev_splits[0]}_{spec.metric}"]
         metrics["train_examples_per_s"] = seen / max(train_time, 1e-9)
         metrics["elapsed_s"] = time.perf_counter() - started
@@ -445,8 +450,9 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
             files = files_dir or tempfile.mkdtemp(prefix=f"bertray-{spec.name}-")
             os.makedirs(files, exist_ok=True)
             if cfg.predictions:
-                for s in eval_sets:
-                    write_predictions(spec, s, outputs[s.split], files)
+                for s in eval_sets:    # a test split is decoded with the first dev split's tau
+                    write_predictions(spec, s, outputs[s.split], files,
+                                      tau=taus.get(s.split, taus.get(spec.dev_splits[0])))
             if cfg.save_model:
                 model.save_pretrained(Path(files) / "model")
                 wordpiece.save(tokenizer, Path(files) / "model")
@@ -462,9 +468,15 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
 # Prediction files
 
 
-def write_predictions(spec: TaskSpec, s: EvalSet, outputs: Mapping[str, np.ndarray], directory: str) -> list[str]:
+def write_predictions(spec: TaskSpec, s: EvalSet, outputs: Mapping[str, np.ndarray], directory: str, *,
+                      tau: float | None = None) -> list[str]:
     """The split's predictions in the task's customary format; GLUE test splits as the benchmark
-    server's submission files (`SST-2.tsv`, `MNLI-m.tsv`, ...). Returns the paths written."""
+    server's submission files (`SST-2.tsv`, `MNLI-m.tsv`, ...). Returns the paths written.
+
+    SQuAD 2.0 answers are decoded at the no-answer threshold `tau`, which should be the one the
+    dev metrics report (`finetune` passes the tuned `{split}_tau`); None: tuned on `s` itself
+    when it is labelled (what `spec.evaluate` does), else 0. The null odds file does not depend on
+    it (+/-inf odds are written as large finite numbers)."""
     from bertray.tasks import glue, squad
 
     directory = str(directory)
@@ -476,8 +488,11 @@ def write_predictions(spec: TaskSpec, s: EvalSet, outputs: Mapping[str, np.ndarr
                                                       for e, p in zip(s.examples, predictions)]
         return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
     if spec.family == "span":
-        predictions, odds = squad.decode_squad(s.examples, s.features, outputs["start_logits"],
-                                               outputs["end_logits"], allow_no_answer=spec.allow_no_answer)
+        start, end = outputs["start_logits"], outputs["end_logits"]
+        if spec.allow_no_answer and tau is None:
+            tau = squad.best_tau(s.examples, s.features, start, end) if s.labelled else 0.0
+        predictions, odds = squad.decode_squad(s.examples, s.features, start, end,
+                                               allow_no_answer=spec.allow_no_answer, tau=tau or 0.0)
         paths = [f"{directory}/{s.split}_predictions.json"]
         squad.write_predictions(predictions, paths[0])
         if odds:

@@ -129,6 +129,127 @@ def test_best_threshold_sweep_by_hand():
     assert out["best_f1"] == pytest.approx(75.0) and out["best_f1_thresh"] == -3.0
 
 
+def _official_find_best_thresh(preds, scores, na_probs, qid_to_has_ans):
+    """`find_best_thresh` of the official evaluate-v2.0.py, as it is (for contrast only)."""
+    cur_score = best_score = sum(1 for k in qid_to_has_ans if not qid_to_has_ans[k])
+    best_thresh = 0.0
+    for qid in sorted(na_probs, key=lambda k: na_probs[k]):
+        if qid not in scores:
+            continue
+        diff = scores[qid] if qid_to_has_ans[qid] else (-1 if preds[qid] else 0)
+        cur_score += diff
+        if cur_score > best_score:
+            best_score, best_thresh = cur_score, na_probs[qid]
+    return 100.0 * best_score / len(scores), best_thresh
+
+
+def _at(gold, predictions, na, thresh):
+    """Scores of the predictions decided at `thresh` with the decoder's rule."""
+    return metrics.squad_scores(gold, metrics.apply_no_answer_threshold(predictions, na, thresh))
+
+
+def test_no_answer_rule_answers_at_equality_and_abstains_above():
+    na = {"a": -1.0, "b": 0.0, "c": 1.0}
+    decided = metrics.apply_no_answer_threshold({"a": "x", "b": "y", "c": "z"}, na, 0.0)
+    assert decided == {"a": "x", "b": "y", "c": ""}
+    assert metrics.abstains(0.5, 0.0) and not metrics.abstains(0.0, 0.0)
+
+
+def test_best_threshold_when_abstaining_everywhere_is_best():
+    # Every non-null prediction is wrong and every no-answer score is negative, so a threshold of
+    # 0.0 (what the official script returns here) would answer them all.
+    gold = {"a": [], "b": [], "c": ["Paris"]}
+    predictions = {"a": "foo", "b": "bar", "c": "Rome"}
+    na = {"a": -2.0, "b": -1.0, "c": -0.5}
+    out = metrics.squad_scores(gold, predictions, na_probs=na)
+    assert out["best_f1"] == pytest.approx(100 * 2 / 3) and out["best_exact"] == pytest.approx(100 * 2 / 3)
+    thresh = out["best_f1_thresh"]
+    assert thresh < -2.0 and thresh == math.nextafter(-2.0, -math.inf)      # just below the smallest
+    assert metrics.apply_no_answer_threshold(predictions, na, thresh) == {"a": "", "b": "", "c": ""}
+    assert _at(gold, predictions, na, thresh)["f1"] == out["best_f1"]
+    assert _at(gold, predictions, na, out["best_exact_thresh"])["exact_match"] == out["best_exact"]
+    # the official sweep reports the same score with a threshold that does not reach it
+    official = _official_find_best_thresh(predictions, {q: 0.0 for q in gold}, na, {"a": False, "b": False, "c": True})
+    assert official == (pytest.approx(100 * 2 / 3), 0.0) and _at(gold, predictions, na, 0.0)["f1"] == 0.0
+
+
+def test_best_threshold_cuts_only_between_tied_scores():
+    # a (right) and b (wrong on an unanswerable question) tie at 1.0: no threshold answers one
+    # without the other. Abstaining everywhere and answering both both give 1 of 2.
+    gold = {"a": ["x"], "b": []}
+    predictions = {"a": "x", "b": "z"}
+    na = {"a": 1.0, "b": 1.0}
+    out = metrics.squad_scores(gold, predictions, na_probs=na)
+    assert out["best_f1"] == 50.0 and out["best_exact"] == 50.0
+    assert out["best_f1_thresh"] < 1.0                                     # ties go to more abstention
+    assert _at(gold, predictions, na, out["best_f1_thresh"])["f1"] == 50.0
+    assert _at(gold, predictions, na, 1.0)["f1"] == 50.0
+    # The official sweep moves inside the tie group and claims 100% at 1.0, which gives 50%.
+    official = _official_find_best_thresh(predictions, {"a": 1.0, "b": 0.0}, na, {"a": True, "b": False})
+    assert official == (100.0, 1.0)
+
+
+def test_best_threshold_with_a_tie_group_that_pays_off_as_a_whole():
+    gold = {"a": ["x"], "b": [], "c": ["y"], "d": ["w"]}
+    predictions = {"a": "x", "b": "z", "c": "y", "d": "v"}
+    na = {"a": 0.5, "b": 2.0, "c": 2.0, "d": 2.0}
+    out = metrics.squad_scores(gold, predictions, na_probs=na)
+    # abstain: 1 (b); answer a: 2; answer {b, c, d} too: 2 - 1 + 1 + 0 = 2 -> best 2/4 at 0.5
+    assert out["best_f1"] == 50.0 and out["best_f1_thresh"] == 0.5
+    na["d"] = 3.0
+    predictions["d"] = "w"
+    out = metrics.squad_scores(gold, predictions, na_probs=na)
+    # now: a -> 2, {b, c} -> 2, d -> 3: best 3/4, answering everything
+    assert out["best_f1"] == 75.0 and out["best_f1_thresh"] == 3.0
+    assert _at(gold, predictions, na, 3.0)["f1"] == 75.0
+
+
+def test_best_threshold_counts_an_answer_that_normalises_to_nothing_as_an_abstention():
+    # "The" normalises to "": on an unanswerable question it scores 1 whether answered or not.
+    gold = {"a": [], "b": ["x"]}
+    predictions = {"a": "The", "b": "x"}
+    na = {"a": -1.0, "b": 0.0}
+    out = metrics.squad_scores(gold, predictions, na_probs=na)
+    assert out["best_f1"] == 100.0 and _at(gold, predictions, na, out["best_f1_thresh"])["f1"] == 100.0
+
+
+def test_best_threshold_with_missing_predictions_and_errors():
+    gold = {"a": ["x"], "b": [], "m": []}          # m: no prediction, scores 0 at any threshold
+    predictions = {"a": "x", "b": "y"}
+    na = {"a": -1.0, "b": 1.0}
+    out = metrics.squad_scores(gold, predictions, na_probs=na)
+    assert out["best_f1"] == pytest.approx(100 * 2 / 3) and out["best_f1_thresh"] == -1.0
+    assert _at(gold, predictions, na, -1.0)["f1"] == out["best_f1"]
+    with pytest.raises(ValueError, match="no no-answer score"):
+        metrics.squad_scores(gold, predictions, na_probs={"a": 0.0})
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.squad_scores(gold, predictions, na_probs={"a": 0.0, "b": float("nan")})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_best_threshold_is_reproduced_by_its_threshold_and_is_the_best_cut(seed):
+    rng = np.random.default_rng(seed)
+    words = ["red", "green", "blue", "the", "big red", "small blue car"]
+    gold, predictions, na = {}, {}, {}
+    for i in range(40):
+        qid = f"q{i}"
+        gold[qid] = [] if rng.random() < 0.5 else [str(rng.choice(words))]
+        if rng.random() < 0.9:                       # some predictions missing
+            right = gold[qid] and rng.random() < 0.7
+            predictions[qid] = gold[qid][0] if right else str(rng.choice([*words, "The", ""]))
+            # few distinct values (many ties), lower for the right answers
+            na[qid] = float(rng.integers(-3, 2) if right else rng.integers(-1, 4)) * 0.5
+    out = metrics.squad_scores(gold, predictions, na_probs=na)
+    values = sorted(set(na.values()))
+    candidates = [math.nextafter(values[0], -math.inf), *values]
+    for key, thresh_key, field in (("best_f1", "best_f1_thresh", "f1"),
+                                   ("best_exact", "best_exact_thresh", "exact_match")):
+        assert _at(gold, predictions, na, out[thresh_key])[field] == out[key]          # exactly
+        brute = [_at(gold, predictions, na, t)[field] for t in candidates]
+        assert out[key] == pytest.approx(max(brute), abs=1e-9)
+        assert out[thresh_key] == candidates[int(np.argmax(np.asarray(brute) > max(brute) - 1e-9))]
+
+
 # --------------------------------------------------------------------------------------------
 # Entity F1
 

@@ -189,7 +189,7 @@ def test_v2_null_answer_threshold_and_best_tau(sample_v2):
     start, end = _perfect_logits(features)
     out = TASKS["squad2"].evaluate(examples, features, {"start_logits": start, "end_logits": end})
     assert out["exact_match"] == 100.0 and out["NoAns_total"] == 320 and out["HasAns_total"] == 386
-    assert out["best_f1"] == 100.0
+    assert out["best_f1"] == 100.0 and out["tau"] == -40.0 and out["f1_at_0"] == 100.0
     # Null odds: -40 for answerable (gold span 20 vs null -20); +40 for unanswerable, or +inf when
     # the 20 best starts all fall outside the passage (the reference also looks at those only).
     predictions, odds = squad.decode_squad(examples, features, start, end, allow_no_answer=True)
@@ -207,8 +207,72 @@ def test_v2_null_answer_threshold_and_best_tau(sample_v2):
     assert out["NoAns_exact"] < 50.0
 
 
+def _strict_json(path):
+    def reject(name):
+        raise AssertionError(f"{path}: {name} is not JSON")
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
 def test_write_predictions_and_null_odds(tmp_path):
     squad.write_predictions({"q1": "Denver Broncos", "q2": ""}, tmp_path / "predictions.json")
-    squad.write_predictions({"q1": np.float64(-3.5)}, tmp_path / "null_odds.json")
+    squad.write_predictions({"q1": np.float64(-3.5), "q2": np.inf, "q3": -np.inf}, tmp_path / "null_odds.json")
     assert json.loads((tmp_path / "predictions.json").read_text()) == {"q1": "Denver Broncos", "q2": ""}
-    assert json.loads((tmp_path / "null_odds.json").read_text()) == {"q1": -3.5}
+    odds = _strict_json(tmp_path / "null_odds.json")          # no Infinity: strict JSON
+    assert odds == {"q1": -3.5, "q2": squad.ODDS_LIMIT, "q3": -squad.ODDS_LIMIT}
+    assert all(np.isfinite(v) for v in odds.values())
+    with pytest.raises(ValueError, match="NaN"):
+        squad.write_predictions({"q1": float("nan")}, tmp_path / "nan.json")
+
+
+CONTEXT = "The capital of France is Paris. The river of Paris is the Seine."
+
+
+def _crafted(tokenizer, spans):
+    """Examples over CONTEXT and logits that give each one a chosen best span and null score:
+    `spans` is [(qid, gold answer or None, predicted text, span half-score, null half-score)]."""
+    examples = [squad.SquadExample(qid, "t", f"Question {qid}?", CONTEXT,
+                                   () if gold is None else (squad.Answer(gold, CONTEXT.index(gold)),), gold is None)
+                for qid, gold, *_ in spans]
+    features = squad.featurize_squad(examples, tokenizer, 64)
+    assert list(features["example_index"]) == list(range(len(spans)))      # one window each
+    start, end = np.full((len(spans), 64), -10.0), np.full((len(spans), 64), -10.0)
+    for f, (_, _, text, span, null) in enumerate(spans):
+        first, last = CONTEXT.index(text), CONTEXT.index(text) + len(text)
+        offsets = features["offset_mapping"][f]
+        start[f, int(np.flatnonzero(offsets[:, 0] == first)[0])] = span
+        end[f, int(np.flatnonzero(offsets[:, 1] == last)[0])] = span
+        start[f, 0] = end[f, 0] = null
+    return examples, features, start, end
+
+
+def test_v2_evaluation_reports_scores_at_the_tuned_tau(tokenizer):
+    #                 gold      best span  span/2 null/2   null odds   at tau=0   at tau=1
+    spans = [("a", "Paris", "Paris", 2.5, 3.0),       # 6 - 5 = 1     abstains   answers (right)
+             ("b", None, "Paris", 1.5, 2.5),          # 5 - 3 = 2     abstains   abstains (right)
+             ("c", "Seine", "Seine", 1.5, 1.0)]       # 2 - 3 = -1    answers    answers (right)
+    examples, features, start, end = _crafted(tokenizer, spans)
+    out = TASKS["squad2"].evaluate(examples, features, {"start_logits": start, "end_logits": end})
+    assert out["tau"] == 1.0 and out["best_f1_thresh"] == 1.0
+    assert out["f1"] == out["exact_match"] == out["best_f1"] == 100.0
+    assert out["f1_at_0"] == out["exact_match_at_0"] == pytest.approx(100 * 2 / 3)
+    assert out["HasAns_f1"] == 100.0 and out["NoAns_f1"] == 100.0
+    predictions, odds = squad.decode_squad(examples, features, start, end, allow_no_answer=True, tau=out["tau"])
+    assert odds == {"a": 1.0, "b": 2.0, "c": -1.0}
+    assert predictions == {"a": "Paris", "b": "", "c": "Seine"}
+    assert metrics.squad_scores(squad._gold(examples), predictions)["f1"] == out["f1"]
+    assert squad.best_tau(examples, features, start, end) == 1.0
+    # a given tau is applied as it is
+    fixed = TASKS["squad2"].evaluate(examples, features, {"start_logits": start, "end_logits": end}, tau=0.0)
+    assert fixed["tau"] == 0.0 and fixed["f1"] == out["f1_at_0"] and fixed["best_f1"] == out["best_f1"]
+
+
+def test_v2_evaluation_can_tune_to_abstain_everywhere(tokenizer):
+    # every proposed span is wrong and every null odds is negative: tau = 0 answers them all
+    spans = [("a", "Paris", "France", 2.0, 1.0), ("b", None, "Seine", 2.0, 1.5), ("c", "Seine", "Paris", 2.0, 0.5)]
+    examples, features, start, end = _crafted(tokenizer, spans)
+    out = squad.evaluate_squad(examples, features, start, end, allow_no_answer=True)
+    predictions, odds = squad.decode_squad(examples, features, start, end, allow_no_answer=True, tau=out["tau"])
+    assert odds == {"a": -2.0, "b": -1.0, "c": -3.0}
+    assert out["tau"] < -3.0 and out["f1"] == out["best_f1"] == pytest.approx(100 / 3)   # b abstains rightly
+    assert out["f1_at_0"] == 0.0
+    assert predictions == {"a": "", "b": "", "c": ""}

@@ -68,6 +68,11 @@ def test_trials_carry_the_row_grid_point_and_fault_injection(tmp_path):
     assert first["data"] == str(REPO / "samples") or first["data"].endswith("samples")   # made absolute
     assert first["max_seq_len"] == 64 and first["threads"] == 2 and first["cache_dir"] == "/cache"
     assert [t["trial"]["random_init"] for t in trials].count(True) == 8
+    # ASHA's groups: one per (row, task), in sweep order, each with only its own trials
+    groups = ft._groups(trials)
+    assert list(groups) == [("ckpt", "sst2"), ("ckpt", "mrpc"), (ft.RANDOM_INIT, "sst2"), (ft.RANDOM_INIT, "mrpc")]
+    for (row, task), members in groups.items():
+        assert len(members) == 4 and all(t["row"] == row and t["trial"]["task"] == task for t in members)
 
 
 @pytest.mark.parametrize("cluster,kw,expected", [
@@ -180,25 +185,41 @@ def test_sweep_over_two_tasks_reports_winners_predictions_and_the_failed_trial(r
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_asha_sweep_with_results_in_object_storage(ray_cluster, tiny_checkpoint, samples, s3_bucket, tmp_path):
-    """ASHA schedules on the per-epoch `score`; Tune's trial directories, the results files and the
-    winner's predictions all go to s3:// (the loopback S3 server)."""
+def test_asha_compares_trials_of_one_task_only_with_results_in_object_storage(ray_cluster, tiny_checkpoint, samples,
+                                                                              s3_bucket, tmp_path, caplog):
+    """ASHA (reduction factor 2, grace period 1) schedules on the per-epoch `score` within each
+    (row, task) only: the tiny model's STS-B Spearman (negative) never meets SST-2's accuracy (about
+    56), yet the worse STS-B trial (lr 1e-2, about -49 after epoch 1 against -23 at lr 1e-4) is
+    stopped at epoch 1. One ASHA over both tasks stopped both STS-B trials. Tune's trial
+    directories, the results files and the winners' predictions all go to s3:// (the loopback S3 server)."""
+    import logging
+
     import s3fs
 
+    caplog.set_level(logging.INFO, logger="bertray.tune")
     output = f"s3://{s3_bucket}/finetune"
-    cfg = FinetuneConfig(init_from=(str(tiny_checkpoint),), tasks="sst2", data=str(samples),
-                         learning_rates=(1e-2, 1e-3, 1e-4, 1e-5), batch_sizes=(16,), epochs=(3,),
-                         max_train_examples=32, max_eval_examples=32, max_seq_len=16, scheduler="asha",
-                         max_concurrent_trials=1, output=output, cache_dir=str(tmp_path / "cache"))
+    cfg = FinetuneConfig(init_from=(str(tiny_checkpoint),), tasks="sst2,stsb", data=str(samples),
+                         learning_rates=(1e-4, 1e-2), batch_sizes=(16,), epochs=(2,), max_train_examples=32,
+                         max_eval_examples=32, max_seq_len=16, scheduler="asha", max_concurrent_trials=1,
+                         output=output, cache_dir=str(tmp_path / "cache"))
     sweep = ft.run_sweep(cfg, verbose=0)
     assert len(sweep.records) == 4
     assert {r.status for r in sweep.records} <= {"OK", "STOPPED"}
     for r in sweep.records:
-        assert 1 <= r.metrics["epoch"] <= 3
-        assert (r.status == "STOPPED") == (r.metrics["epoch"] < 3)
-    assert len(sweep.best) == 1
+        assert (r.status == "STOPPED") == (r.metrics["epoch"] < 2) and r.metrics["epoch"] >= 1
+    row = sweep.records[0].row
+    status = {(r.task, r.config["learning_rate"]): r.status for r in sweep.records}
+    assert status[("sst2", 1e-4)] == status[("stsb", 1e-4)] == "OK"     # each task keeps a trial to the end
+    assert status[("stsb", 1e-2)] == "STOPPED"                          # and ASHA still stops within a task
+    assert [m for m in caplog.messages if m.startswith("asha group")] == [
+        f"asha group 1/2: {row} / sst2, 2 trials", f"asha group 2/2: {row} / stsb, 2 trials"]
+    assert set(sweep.best) == {(row, "sst2"), (row, "stsb")}
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    assert "| checkpoint | SST-2 |" in fs.cat_file(f"{s3_bucket}/finetune/results.md").decode()
-    assert fs.isfile(f"{s3_bucket}/finetune/predictions/sst2/dev_predictions.tsv")
-    assert fs.isfile(f"{s3_bucket}/finetune/predictions/sst2/SST-2.tsv")
+    assert "| checkpoint | SST-2 | STS-B | Average |" in fs.cat_file(f"{s3_bucket}/finetune/results.md").decode()
+    for task, submission in (("sst2", "SST-2.tsv"), ("stsb", "STS-B.tsv")):
+        assert fs.isfile(f"{s3_bucket}/finetune/predictions/{task}/dev_predictions.tsv")
+        assert fs.isfile(f"{s3_bucket}/finetune/predictions/{task}/{submission}")
+    # one Tune experiment per group, inside the sweep's experiment directory
     assert sweep.experiment.startswith(f"{s3_bucket}/finetune/tune/") and fs.isdir(sweep.experiment)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(sweep.experiment) if fs.isdir(p)) == [
+        f"1-{ft.tables.slug(row)}-sst2", f"2-{ft.tables.slug(row)}-stsb"]

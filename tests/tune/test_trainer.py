@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bertray.errors import CheckpointError, TaskDataError
+from bertray.tasks import metrics, squad
 from bertray.tasks.registry import TASKS
 from bertray.tune import trainer
 from bertray.tune.trainer import InjectedFault, TrialConfig, finetune
@@ -73,12 +74,65 @@ def test_every_family_trains_scores_and_writes_predictions(tiny_checkpoint, fami
     if spec.family == "span":
         predictions = json.loads((tmp_path / "f" / "dev_predictions.json").read_text())
         assert len(predictions) == 8 and all(isinstance(v, str) for v in predictions.values())
+    if spec.allow_no_answer:      # SQuAD 2.0: scored and written at the tau tuned on dev
+        assert m["dev_tau"] == m["dev_best_f1_thresh"] and m["dev_f1"] == m["dev_best_f1"]
+        assert "dev_f1_at_0" in m and "dev_exact_match_at_0" in m
+        odds = _strict_json(tmp_path / "f" / "dev_null_odds.json")
+        assert set(odds) == set(predictions) and all(np.isfinite(v) for v in odds.values())
+        assert all(predictions[q] == "" for q, o in odds.items() if o > m["dev_tau"])
+        examples, _ = spec.read(families_root, "dev")
+        gold = {e.qid: [a.text for a in e.answers] for e in examples[:8]}
+        scores = metrics.squad_scores(gold, predictions)          # the written file gives the reported scores
+        assert scores["f1"] == m["dev_f1"] and scores["exact_match"] == m["dev_exact_match"]
     if spec.family == "token":
         lines = (tmp_path / "f" / "dev_predictions.txt").read_text().split("\n\n")
         assert len([b for b in lines if b.strip()]) == 8
         assert all(len(line.split()) == 3 for line in lines[0].splitlines())   # word gold predicted
     if spec.feature_based:
         assert all(not p.requires_grad for p in out.model.bert.parameters())  # frozen encoder
+
+
+def _strict_json(path):
+    def reject(name):
+        raise AssertionError(f"{path}: {name} is not JSON")
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_squad2_prediction_files_use_the_tuned_tau(minilm_dir, tmp_path):
+    """Without training: crafted logits where tau = 0 and the tuned tau decide differently, and
+    one question without any proposed span (null odds +inf)."""
+    from tokenizers import Tokenizer
+
+    spec = TASKS["squad2"]
+    context = "The capital of France is Paris. The river of Paris is the Seine."
+    #        gold     span     span/2 null/2: odds 1 (tuned: answer), 2 (abstain), -1 (answer), +inf
+    rows = [("a", "Paris", "Paris", 2.5, 3.0), ("b", None, "Paris", 1.5, 2.5), ("c", "Seine", "Seine", 1.5, 1.0),
+            ("d", None, None, 0.0, 0.0)]
+    examples = [squad.SquadExample(q, "t", f"Question {q}?", context,
+                                   () if g is None else (squad.Answer(g, context.index(g)),), g is None)
+                for q, g, *_ in rows]
+    features = squad.featurize_squad(examples, Tokenizer.from_file(str(minilm_dir / "tokenizer.json")), 64)
+    start, end = np.full((4, 64), -10.0), np.full((4, 64), -10.0)
+    for f, (_, _, text, span, null) in enumerate(rows):
+        offsets = features["offset_mapping"][f]
+        if text is None:                # the 20 best starts all outside the passage: no span at all
+            start[f, offsets[:, 0] < 0] = 5.0
+            continue
+        start[f, int(np.flatnonzero(offsets[:, 0] == context.index(text))[0])] = span
+        end[f, int(np.flatnonzero(offsets[:, 1] == context.index(text) + len(text))[0])] = span
+        start[f, 0] = end[f, 0] = null
+    outputs = {"start_logits": start, "end_logits": end}
+    scores = spec.evaluate(examples, features, outputs)
+    assert scores["tau"] == 1.0 and scores["f1"] == 100.0 and scores["f1_at_0"] == 75.0
+    dev = trainer.EvalSet("dev", True, examples, features)
+    for tau, expected in ((None, {"a": "Paris", "b": "", "c": "Seine", "d": ""}),     # tuned on dev itself
+                          (scores["tau"], {"a": "Paris", "b": "", "c": "Seine", "d": ""}),
+                          (0.0, {"a": "", "b": "", "c": "Seine", "d": ""})):
+        paths = trainer.write_predictions(spec, dev, outputs, str(tmp_path), tau=tau)
+        assert paths == [str(tmp_path / "dev_predictions.json"), str(tmp_path / "dev_null_odds.json")]
+        assert _strict_json(tmp_path / "dev_predictions.json") == expected
+    odds = _strict_json(tmp_path / "dev_null_odds.json")
+    assert odds == {"a": 1.0, "b": 2.0, "c": -1.0, "d": squad.ODDS_LIMIT}       # +inf written as a finite number
 
 
 def test_train_features_come_from_the_disk_cache(tiny_checkpoint, samples, tmp_path, monkeypatch):
