@@ -76,7 +76,8 @@ GLUE_FORMATS: dict[str, GlueFormat] = {
                       Layout("question1", "question2", index="id"), {"test": "QQP.tsv"}, skip_malformed=True),
     "mnli": GlueFormat(("contradiction", "entailment", "neutral"), Layout("sentence1", "sentence2", label="gold_label"),
                        Layout("sentence1", "sentence2", index="index"),
-                       {"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"}),
+                       # AX: GLUE's diagnostic set (glue/diagnostic/diagnostic.tsv), labelled by the MNLI model
+                       {"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv", "test_ax": "AX.tsv"}),
     "qnli": GlueFormat(_NLI, Layout("question", "sentence", label="label"),
                        Layout("question", "sentence", index="index"), {"test": "QNLI.tsv"}),
     "rte": GlueFormat(_NLI, Layout("sentence1", "sentence2", label="label"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
@@ -91,7 +92,7 @@ class TaskSpec:
     def path(self, root: str | os.PathLike, split: str) -> str:
         if split not in self.files:
             raise ConfigError(f"{self.name}: no split {split!r}; choose one of {', '.join(self.files)}")
-        return f"{os.fspath(root).rstrip('/')}/{self.data_dir}/{self.files[split]}"
+        return f"{os.fspath(root).rstrip('/')}/{posixpath.normpath(f'{self.data_dir}/{self.files[split]}')}"
 
     def read(self, root: str | os.PathLike, split: str) -> tuple[list, dict[str, int]]:
         """Examples of `split` from the standard layout under `root` (local path or fsspec URL)
@@ -201,9 +202,10 @@ _CONLL = dict(family="token", data_dir="conll2003",
 _TABLE = (
     TaskSpec("mnli", "classification", "MNLI-(m/mm)", "glue/MNLI",
              {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv",
-              "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"},
+              "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv",
+              "test_ax": "../diagnostic/diagnostic.tsv"},
              ("dev_matched", "dev_mismatched"), ("accuracy",), GLUE_GRID, 128,
-             labels=glue.GLUE_FORMATS["mnli"].labels, test_splits=("test_matched", "test_mismatched")),
+             labels=glue.GLUE_FORMATS["mnli"].labels, test_splits=("test_matched", "test_mismatched", "test_ax")),
     _glue("qqp", "QQP", "QQP", ("f1", "accuracy")),
     _glue("qnli", "QNLI", "QNLI", ("accuracy",)),
     _glue("sst2", "SST-2", "SST-2", ("accuracy",)),

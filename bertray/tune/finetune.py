@@ -447,7 +447,8 @@ def _setting_note(cfg: FinetuneConfig, rows: Sequence[Row], specs: Sequence[Task
     if cfg.max_train_examples:
         limits.append(f"first {cfg.max_train_examples:,} training examples")
     if cfg.max_eval_examples:
-        limits.append(f"first {cfg.max_eval_examples:,} dev examples")
+        limits.append(f"first {cfg.max_eval_examples:,} dev and test examples (so test predictions are partial, "
+                      "not a complete GLUE submission)")
     if cfg.max_seq_len:
         limits.append(f"max_seq_len {cfg.max_seq_len}")
     return (f"Setting: {n_trials} trials; data {cfg.data}; seeds {list(cfg.seeds)}; grid {grids}"

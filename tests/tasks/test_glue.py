@@ -104,6 +104,12 @@ def glue_root(tmp_path):
         f"0\t31493\t31493\ttravel\t{_mnli_parses('Hierbas', 'Hierbas is')}\tHierbas, ans seco, ans dulce, and frigola "
         "are just a few names worth keeping a look-out for.\tHierbas is a name worth looking out for.",
     ])
+    # GLUE's diagnostic set (AX) sits beside the tasks, unlabelled, as in the official download
+    _write(tmp_path / "glue" / "diagnostic" / "diagnostic.tsv", [
+        "index\tsentence1\tsentence2",
+        "0\tThe cat sat on the mat.\tThe cat did not sit on the mat.",
+        "1\tThe cat did not sit on the mat.\tThe cat sat on the mat.",
+    ])
     _write(tmp_path / "glue" / "QQP" / "train.tsv", [
         "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
         "133273\t213221\t213222\tHow is the life of a math student? Could you describe your own experiences?\t"
@@ -152,6 +158,12 @@ def test_mnli_reads_train_dev_and_test_layouts(glue_root):
     test, _ = spec.read(glue_root, "test_matched")
     assert test[0].guid == "0" and test[0].label is None and test[0].text_b.startswith("Hierbas is")
     assert spec.dev_splits == ("dev_matched", "dev_mismatched")
+    # AX: the diagnostic set, predicted by the MNLI model and submitted as AX.tsv
+    assert spec.path(glue_root, "test_ax") == f"{glue_root}/glue/diagnostic/diagnostic.tsv"
+    ax, counts = spec.read(glue_root, "test_ax")
+    assert counts["rows"] == 2 and [e.guid for e in ax] == ["0", "1"] and ax[1].label is None
+    path = glue.write_submission("mnli", ["contradiction"] * 2, glue_root, split="test_ax", examples=ax)
+    assert path.endswith("/AX.tsv") and open(path).read() == "index\tprediction\n0\tcontradiction\n1\tcontradiction\n"
 
 
 def test_qqp_skips_and_counts_rows_broken_by_newlines(glue_root, caplog):
