@@ -413,6 +413,15 @@ class DataSection:
     format: Literal["auto", "text", "jsonl", "parquet"] = doc("auto", "file format (auto: by extension)")
     layout: str = doc("bert", "corpus layout preset: bert (sentence per line, blank line between documents), "
                               "wikitext, gutenberg, paragraphs")
+    document_boundary: Literal["blank_line", "file", "pattern"] | None = doc(
+        None, "override the preset: blank_line (a blank line ends a document), file (a file or JSONL/Parquet "
+              "row is one document), pattern (a line matching boundary_pattern starts one)")
+    boundary_pattern: str | None = doc(None, "override the preset: regex (re.search) of the line that starts a "
+                                             "document, with document_boundary: pattern; the line itself is dropped")
+    line_unit: Literal["sentence", "paragraph", "wrapped"] | None = doc(
+        None, "override the preset: sentence (a line is a sentence), paragraph (a line is a paragraph, split "
+              "into sentences), wrapped (hard-wrapped lines re-joined until a blank line, then split)")
+    skip_pattern: str | None = doc(None, "override the preset: regex of lines to drop (headings)")
     text_field: str = doc("text", "JSONL field / Parquet column holding a document's text")
     tokenizer: str | None = doc(None, "tokenizer.json, vocab.txt or a checkpoint directory; null: train a WordPiece "
                                       "vocabulary on the corpus (cached under the output directory)")
@@ -452,11 +461,20 @@ class DataSection:
         self.masking(20)
 
     def corpus_layout(self):
+        """The preset `layout` with any of the four layout fields set here replacing its own."""
         from bertray.data.documents import LAYOUT_PRESETS
 
         if self.layout not in LAYOUT_PRESETS:
             raise ConfigError(f"data.layout: {self.layout!r} is unknown; choose one of {', '.join(LAYOUT_PRESETS)}")
-        return dataclasses.replace(LAYOUT_PRESETS[self.layout], text_field=self.text_field)
+        preset = LAYOUT_PRESETS[self.layout]
+        overrides = {key: getattr(self, key) for key in ("document_boundary", "line_unit", "skip_pattern")
+                     if getattr(self, key) is not None}
+        if self.boundary_pattern is not None or overrides.get("document_boundary", preset.document_boundary) != "pattern":
+            overrides["boundary_pattern"] = self.boundary_pattern    # a pattern belongs to its boundary kind
+        try:
+            return dataclasses.replace(preset, text_field=self.text_field, **overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"data.{exc} (layout {self.layout!r} with the data.* overrides)") from None
 
     def masking(self, max_predictions_per_seq: int):
         from bertray.data.masking import MaskingConfig

@@ -109,6 +109,9 @@ def test_every_pretraining_option_is_a_documented_flag():
     ("data.buffer_chars", 0, "data.buffer_chars: must be > 0"),
     ("scaling.cpu_affinity", [0, -1], "scaling.cpu_affinity: must be CPU ids >= 0"),
     ("data.preserve_order", "sometimes", "data.preserve_order"),
+    ("data.document_boundary", "chapter", "data.document_boundary"),
+    ("data.boundary_pattern", "^== ", "data.boundary_pattern: is only used with document_boundary: pattern"),
+    ("data.skip_pattern", "([", "skip_pattern: '\\(\\[' is not a valid regular expression"),
 ])
 def test_bad_pretraining_values_name_the_key(tmp_path, key, value, needle):
     from bertray.config import PretrainConfig, load_config
@@ -117,3 +120,27 @@ def test_bad_pretraining_values_name_the_key(tmp_path, key, value, needle):
     path.write_text("data: {corpus: [x.txt]}\n")
     with pytest.raises(ConfigError, match=needle):
         load_config(PretrainConfig, path, {key: value})
+
+
+def test_layout_fields_override_the_preset(tmp_path):
+    """A corpus no preset fits: the preset's layout with data.document_boundary, boundary_pattern,
+    line_unit or skip_pattern replacing its own, validated together."""
+    from bertray.config import PretrainConfig, load_config
+    from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters, iter_documents
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {corpus: [x.txt], layout: paragraphs}\n")
+    cfg = load_config(PretrainConfig, path, {"data.document_boundary": "pattern", "data.boundary_pattern": "^#+ ",
+                                             "data.skip_pattern": "^<!--"})
+    layout = cfg.data.corpus_layout()
+    assert (layout.document_boundary, layout.boundary_pattern, layout.line_unit, layout.skip_pattern) == (
+        "pattern", "^#+ ", "paragraph", "^<!--")
+    lines = ["# One", "First doc. It has two sentences.", "<!-- note -->", "", "## Two", "Second doc here."]
+    docs = list(iter_documents(lines, layout, CorpusCounters()))
+    assert docs == [["First doc.", "It has two sentences."], ["Second doc here."]]
+    # Switching a pattern preset to another boundary drops its pattern; nothing set keeps the preset.
+    wiki = load_config(PretrainConfig, path, {"data.layout": "wikitext", "data.document_boundary": "file"})
+    assert wiki.data.corpus_layout().boundary_pattern is None
+    assert load_config(PretrainConfig, path, {"data.layout": "wikitext"}).data.corpus_layout() == LAYOUT_PRESETS["wikitext"]
+    with pytest.raises(ConfigError, match="data.boundary_pattern: is required"):
+        load_config(PretrainConfig, path, {"data.document_boundary": "pattern"})

@@ -538,17 +538,17 @@ def layout_warning(counters: CorpusCounters) -> str | None:
         return (f"CORPUS LAYOUT LOOKS WRONG: {single} of {documents} documents "
                 f"({100 * single / documents:.0f}%) have a single sentence, so nearly every NSP pair "
                 "will be NotNext. If blank lines separate paragraphs or sentences rather than "
-                "documents, use layout 'gutenberg' (one document per file, wrapped paragraphs) or "
-                "document_boundary: pattern; if each line is a paragraph, use line_unit: paragraph "
-                "(preset 'paragraphs').")
+                "documents, use data.layout: gutenberg (one document per file, wrapped paragraphs) or "
+                "data.document_boundary: pattern with data.boundary_pattern; if each line is a paragraph, "
+                "use data.line_unit: paragraph (data.layout: paragraphs).")
     sentences = counters["sentences"]
     giant = counters["giant_document_sentences"]
     if sentences > 0 and giant > 0.9 * sentences:
         return (f"CORPUS LAYOUT LOOKS WRONG: {giant} of {sentences} sentences are in documents longer "
                 "than max_document_sentences, so the document boundaries the layout expects are "
-                "missing. Check that documents are separated by blank lines (layout 'bert') or by "
-                "lines matching boundary_pattern, or use document_boundary: file if each file is a "
-                "document.")
+                "missing. Check that documents are separated by blank lines (data.layout: bert) or by "
+                "lines matching data.boundary_pattern, or use data.document_boundary: file if each file "
+                "is a document.")
     return None
 
 

@@ -202,8 +202,12 @@ def _parquet_documents(file: CorpusFile, layout: CorpusLayout, counters: CorpusC
     with fsspec.open(file.url, "rb", **storage_options_for(file.url, storage_options)) as f:
         parquet = pq.ParquetFile(f)
         if layout.text_field not in parquet.schema_arrow.names:
-            raise CorpusError(f"{file.url}: no column {layout.text_field!r} (columns: "
-                              f"{', '.join(parquet.schema_arrow.names)}); set the corpus text_field")
+            # One odd shard must not end a long run: skipped and counted. The preflight read of the
+            # first files turns this into a CorpusError before anything starts (`preflight_layout`).
+            counters["files_without_text_column"] += 1
+            log.error("%s: no column %r (columns: %s); file skipped, set data.text_field", file.url,
+                      layout.text_field, ", ".join(parquet.schema_arrow.names))
+            return
         for batch in parquet.iter_batches(columns=[layout.text_field], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
@@ -256,4 +260,6 @@ def preflight_layout(files: Sequence[CorpusFile], layout: CorpusLayout, *, fmt: 
             seen += 1
             if seen >= max_documents:
                 return layout_warning(counters)
+        if counters["files_without_text_column"] and not seen:
+            raise CorpusError(f"{file.url}: no column {layout.text_field!r} holds the text; set data.text_field")
     return layout_warning(counters)

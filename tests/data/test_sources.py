@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters
-from bertray.data.sources import CorpusFile, detect_format, read_documents, resolve_corpus
+from bertray.data.sources import CorpusFile, detect_format, preflight_layout, read_documents, resolve_corpus
 from bertray.errors import CorpusError
 
 BERT = LAYOUT_PRESETS["bert"]
@@ -89,8 +89,11 @@ def test_parquet_rows(tmp_path):
     docs, counters = docs_of(str(path), layout)
     assert docs == [["One here.", "Two here."], ["Three here."]]
     assert counters["rows_without_text"] == 1
-    with pytest.raises(CorpusError, match="no column 'text'"):
-        docs_of(str(path))
+    # A shard without the column is skipped and counted mid-run; the preflight refuses to start on it.
+    docs, counters = docs_of(str(path))
+    assert docs == [] and counters["files_without_text_column"] == 1
+    with pytest.raises(CorpusError, match="no column 'text' holds the text; set data.text_field"):
+        preflight_layout(resolve_corpus(str(path)), BERT)
 
 
 def test_memory_filesystem():
