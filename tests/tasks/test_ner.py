@@ -108,3 +108,49 @@ def test_a_word_longer_than_a_window_keeps_its_label(tokenizer):
     features = ner.featurize_ner([example], tokenizer, 8)
     assert len(features["example_index"]) == 2
     assert _round_trip([example], features) == [["B-MISC", "B-LOC"]]
+
+
+def _repository_text_files() -> list:
+    """The files the repository ships: git's list in a checkout, else every file below the root."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    try:
+        names = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+        paths = [root / n for n in names.decode().split("\0") if n]
+    except (OSError, subprocess.CalledProcessError):
+        paths = [p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    return [(p.relative_to(root).as_posix(), p.read_text("utf-8", errors="ignore")) for p in paths
+            if p.is_file() and p.stat().st_size < 8 << 20]
+
+
+def test_no_conll2003_text_is_shipped(shared_data):
+    """Reuters' terms forbid copies of CoNLL-2003 in the repository. A copy would show as CoNLL
+    column lines whose words run as in the corpus (4 in a row), or as prose with 10 words in a row
+    of a corpus sentence. samples/glue is left out of the prose check: MRPC is drawn from news
+    too and shares a sentence with Reuters RCV1; it ships under GLUE's terms."""
+    import re
+
+    word = re.compile(r"[A-Za-z][A-Za-z0-9'.-]*")
+    column_grams, prose_grams = set(), set()
+    for split in ("train", "dev", "test"):
+        examples, _ = TASKS["conll2003"].read(shared_data, split)
+        for e in examples:
+            words = [w.lower() for w in e.words]
+            column_grams.update(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+            alpha = [w for w in words if word.fullmatch(w)]
+            prose_grams.update(tuple(alpha[i:i + 10]) for i in range(len(alpha) - 9))
+    # `word POS chunk NER`, also as the start of a line of a string literal in Python source
+    column_line = re.compile(r"^[\s\"'(+]*([^\s\"']+) \S+ (?:[BI]-\w+|O) (?:[BI]-\w+|O)(?=[\s\"'),]|$)", re.M)
+    found = []
+    for name, text in _repository_text_files():
+        text = text.replace("\\n", "\n")                  # column lines written inside test strings
+        column_words = [w.lower() for w in column_line.findall(text)]
+        if any(tuple(column_words[i:i + 4]) in column_grams for i in range(len(column_words) - 3)):
+            found.append(f"{name}: CoNLL column lines")
+        if not name.startswith("samples/glue/"):
+            alpha = [w.lower() for w in word.findall(text)]
+            if any(tuple(alpha[i:i + 10]) in prose_grams for i in range(len(alpha) - 9)):
+                found.append(f"{name}: a CoNLL-2003 sentence")
+    assert not found, found
