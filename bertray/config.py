@@ -469,7 +469,8 @@ class DataSection:
         preset = LAYOUT_PRESETS[self.layout]
         overrides = {key: getattr(self, key) for key in ("document_boundary", "line_unit", "skip_pattern")
                      if getattr(self, key) is not None}
-        if self.boundary_pattern is not None or overrides.get("document_boundary", preset.document_boundary) != "pattern":
+        boundary = overrides.get("document_boundary", preset.document_boundary)
+        if self.boundary_pattern is not None or boundary != "pattern":
             overrides["boundary_pattern"] = self.boundary_pattern    # a pattern belongs to its boundary kind
         try:
             return dataclasses.replace(preset, text_field=self.text_field, **overrides)

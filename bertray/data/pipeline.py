@@ -155,7 +155,7 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
 def _send_counters(counters: CorpusCounters, counters_actor: Any) -> None:
     """Hand the counts so far to the run's totals and zero them: sent with every buffer, they are
     complete up to what was consumed even when the consumer stops before the read task ends."""
-    counts = {key: int(value) for key, value in counters.items() if value}
+    counts = {key: value for key, value in counters.as_dict().items() if value}
     if counts and counters_actor is not None:
         counters_actor.add.remote(counts)
     for key in counters:

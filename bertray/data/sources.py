@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import posixpath
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -95,7 +96,7 @@ def _list_one(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple
     if fsspec.core.has_magic(path):
         paths = fs.glob(path, detail=True)
         infos = [(p, info) for p, info in paths.items() if info.get("type") != "directory"]
-        root = posixpath.dirname(path.split("*")[0].split("?")[0].split("[")[0])
+        root = posixpath.dirname(re.split(r"[*?\[]", path, maxsplit=1)[0])    # the part before the magic
     elif fs.isdir(path):
         infos = list(fs.find(path, detail=True).items())
     elif fs.exists(path):

@@ -205,12 +205,10 @@ def test_pieces_of_a_cut_book_share_a_source_and_never_pair_as_not_next(tmp_path
 def test_special_tokens_written_in_the_corpus_are_text(tokenizer):
     """A literal "[SEP]" or "[MASK]" in a document is split like any bracketed word, so the only
     [CLS]/[SEP] ids of an instance are the ones its layout puts there."""
-    import pyarrow as pa
-
     from bertray.data.pipeline import TokenizePairMask, _buffer_table
 
     docs = [[f"Doc {d} line {s} has [SEP] and [MASK] and [CLS] inside." for s in range(6)] for d in range(3)]
     spec = spec_for(tokenizer, nsp=NSPConfig(max_seq_len=64))
-    out = TokenizePairMask(spec)(pa.concat_tables([_buffer_table(docs, [0, 1, 2], [0, 1, 2], 0)]))
+    out = TokenizePairMask(spec)(_buffer_table(docs, [0, 1, 2], [0, 1, 2], 0))
     sep, cls = tokenizer.token_to_id("[SEP]"), tokenizer.token_to_id("[CLS]")
     assert np.all((out["input_ids"] == cls).sum(1) == 1) and np.all((out["input_ids"] == sep).sum(1) == 2)
