@@ -9,7 +9,7 @@ Three parts (choose with --parts; all by default):
   (same threads, same machine state); the median over rounds is reported.
 - `sst2`: the issue's quality setting, SST-2 with the first 8,000 training examples, 1 epoch,
   max length 64, lr 5e-5, batch 32, AdamW (weight decay 0.01, not on LayerNorm/biases), 10%
-  warmup then linear decay, dropout 0.1, seed 0: dev accuracy and minutes of bertray's trial loop
+  warmup then linear decay, dropout 0.1, seed 0 (--seeds for more): dev accuracy and minutes of bertray's trial loop
   (`bertray.tune.trainer.finetune`, the code every Tune trial runs) and of the same loop around
   `transformers`' model (same data order, optimizer, schedule, clipping): "the same budget".
 - `mrpc`: the full MRPC train set, 3 epochs, max length 128, otherwise the same: dev accuracy
@@ -17,6 +17,7 @@ Three parts (choose with --parts; all by default):
 
     python benchmarks/finetune.py                           # all parts, 2 threads, ../shared/data
     python benchmarks/finetune.py --parts speed,sst2 --threads 2
+    python benchmarks/finetune.py --parts sst2 --seeds 0,1,2  # the quality spread over seeds
 
 Prints a table and writes JSON (default benchmarks/results/finetune.json).
 """
@@ -167,19 +168,39 @@ def hf_finetune(cfg: TrialConfig) -> dict:
             "train_examples_per_s": n * cfg.epochs / train_time}
 
 
-def quality(part: str, checkpoint: str, data: str, *, hf: bool) -> dict:
-    cfg = TrialConfig(init_from=checkpoint, data=data, predictions=False, **SETTINGS[part])
+def bertray_finetune(cfg: TrialConfig) -> dict:
     started = time.perf_counter()
     outcome = trainer.finetune(cfg)
     ours = {k: v for k, v in outcome.metrics.items() if k.startswith("dev_")}
-    ours.update(minutes=(time.perf_counter() - started) / 60, train_examples_per_s=outcome.train_examples_per_s)
-    result = {"setting": SETTINGS[part], "bertray": ours, "targets": TARGETS[part],
-              "quoted_transformers": QUOTED_HF[part],
-              "meets_targets": all(ours[k] >= v for k, v in TARGETS[part].items())}
+    return {**ours, "minutes": (time.perf_counter() - started) / 60,
+            "train_examples_per_s": outcome.train_examples_per_s}
+
+
+def quality(part: str, checkpoint: str, data: str, *, hf: bool, seeds: list[int]) -> dict:
+    """Both loops once per seed (the seed sets the head's initialisation, the data order and the
+    dropout draws); targets and the gap are judged on the mean over seeds."""
+    runs: dict[str, list[dict]] = {"bertray": [], "transformers": []}
+    for seed in seeds:
+        cfg = TrialConfig(init_from=checkpoint, data=data, predictions=False, seed=seed, **SETTINGS[part])
+        runs["bertray"].append(bertray_finetune(cfg))
+        if hf:
+            runs["transformers"].append(hf_finetune(cfg))
+    result = {"setting": SETTINGS[part], "seeds": seeds, "targets": TARGETS[part],
+              "quoted_transformers": QUOTED_HF[part]}
+    for name, per_seed in runs.items():
+        if per_seed:
+            result[name] = {"per_seed": per_seed,
+                            "mean": {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}}
+    ours = result["bertray"]["mean"]
+    result["meets_targets"] = all(ours[k] >= v for k, v in TARGETS[part].items())
     if hf:
-        result["transformers"] = hf_finetune(cfg)
-        result["accuracy_gap_points"] = ours["dev_accuracy"] - result["transformers"]["dev_accuracy"]
+        result["accuracy_gap_points"] = ours["dev_accuracy"] - result["transformers"]["mean"]["dev_accuracy"]
     return result
+
+
+def describe(name: str, run: dict) -> str:
+    metrics = ", ".join(f"{k} {v:.2f}" for k, v in run.items() if k.startswith("dev_"))
+    return f"{name} {metrics} in {run['minutes']:.1f} min ({run['train_examples_per_s']:.1f} train ex/s)"
 
 
 def main(argv=None) -> int:
@@ -190,6 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the issue's 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=7, help="speed: timed rounds per model")
     parser.add_argument("--steps", type=int, default=8, help="speed: steps per round")
+    parser.add_argument("--seeds", default="0", help="quality parts: comma-separated seeds (results per seed and mean)")
     parser.add_argument("--no-hf", action="store_true", help="quality parts: skip the transformers runs")
     parser.add_argument("--hf-mrpc", action="store_true", help="also run transformers on the MRPC setting")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "finetune.json"))
@@ -197,6 +219,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or minilm_dir()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     out = {"meta": {"checkpoint": checkpoint, "threads": args.threads, "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "load_average_at_start": os.getloadavg()}}
@@ -209,19 +232,18 @@ def main(argv=None) -> int:
               f"(median of per-round ratios {s['ratio_median_of_rounds']:.2f}x)", flush=True)
     for part in ("sst2", "mrpc"):
         if part in parts:
-            out[part] = quality(part, checkpoint, args.data,
+            out[part] = quality(part, checkpoint, args.data, seeds=seeds,
                                 hf=not args.no_hf and (part == "sst2" or args.hf_mrpc))
             r = out[part]
-            line = ", ".join(f"{k} {v:.2f}" for k, v in r["bertray"].items() if k.startswith("dev_"))
-            print(f"{part}: bertray {line} in {r['bertray']['minutes']:.1f} min "
-                  f"({r['bertray']['train_examples_per_s']:.1f} train ex/s); targets {r['targets']} "
-                  f"-> {'met' if r['meets_targets'] else 'NOT met'}", flush=True)
-            if "transformers" in r:
-                t = r["transformers"]
-                line = ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k.startswith("dev_"))
-                print(f"{part}: transformers {line} in {t['minutes']:.1f} min "
-                      f"({t['train_examples_per_s']:.1f} train ex/s); gap {r['accuracy_gap_points']:+.2f} points",
-                      flush=True)
+            for name in ("bertray", "transformers"):
+                if name in r:
+                    for seed, run in zip(seeds, r[name]["per_seed"]):
+                        print(f"{part} seed {seed}: {describe(name, run)}", flush=True)
+                    if len(seeds) > 1:
+                        print(f"{part} mean of {len(seeds)} seeds: {describe(name, r[name]['mean'])}", flush=True)
+            print(f"{part}: targets {r['targets']} -> {'met' if r['meets_targets'] else 'NOT met'}"
+                  + (f"; gap to transformers {r['accuracy_gap_points']:+.2f} points" if "transformers" in r else ""),
+                  flush=True)
     out["meta"]["load_average_at_end"] = os.getloadavg()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=float) + "\n")

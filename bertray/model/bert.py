@@ -34,6 +34,49 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# Pack a batch when at most this share of its B * S positions are real tokens. Packing costs
+# four gathers per layer; on a 2-core CPU (MiniLM, batch 32 x 64, forward and backward) it
+# measured 1.05x faster at 95% real tokens, 1.1x at 90%, 1.5x at 50%. Finding the real tokens
+# (`nonzero`) waits for the mask on a GPU, once per forward; it was not measured there.
+PACK_BELOW_REAL_SHARE = 0.95
+
+
+@dataclass(frozen=True)
+class TokenPacking:
+    """Where the real tokens of a padded (B, S) batch sit among its B * S positions.
+
+    Fine-tuning batches are mostly padding (SST-2 at batch 32: 31% real tokens after each batch is
+    cut to its longest member), and every dense layer - projections, feed-forward, LayerNorm,
+    dropout - works per token. So the encoder runs those on the T real tokens only, as a (T, H)
+    matrix, and only attention, which mixes tokens within a sequence, sees the padded (B, S) layout.
+    Results at real tokens are the same; padding positions come out as zeros.
+    """
+
+    index: torch.Tensor            # (T,) flat positions b * S + s of the real tokens, ascending
+    batch: int
+    seq_len: int
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor | None) -> "TokenPacking | None":
+        """The packing of a 1 = token, 0 = padding mask, or None where packing would not pay off."""
+        if attention_mask is None or torch.compiler.is_compiling():     # data-dependent shapes
+            return None
+        batch, seq_len = attention_mask.shape
+        index = attention_mask.reshape(-1).nonzero().squeeze(1)
+        if index.numel() > PACK_BELOW_REAL_SHARE * batch * seq_len:
+            return None
+        return cls(index, batch, seq_len)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (T, ...)."""
+        return x.reshape(self.batch * self.seq_len, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, S, ...), zeros at padding."""
+        out = x.new_zeros(self.batch * self.seq_len, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.seq_len, *x.shape[1:])
+
+
 @dataclass
 class BertModelOutput:
     """What the encoder returns.
@@ -95,19 +138,22 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
         self.is_causal = config.is_causal
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """`mask` is boolean, True where a query may attend to a key: (B, 1, 1|S, S), or None."""
-        batch, seq_len, hidden = x.shape
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: TokenPacking | None = None) -> torch.Tensor:
+        """`mask` is boolean, True where a query may attend to a key: (B, 1, 1|S, S), or None.
+        `x` is (B, S, H), or (T, H) real tokens with their `packing`; the output has x's shape."""
         # (B, S, H) -> (B, N, S, D): split the hidden size into heads. Three separate projections
         # measured faster than one fused (B, S, 3H) projection on CPU (no weight concatenation).
-        q, k, v = (proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (proj(x) if packing is None else packing.unpack(proj(x))
                    for proj in (self.query, self.key, self.value))
+        batch, seq_len, hidden = q.shape
+        q, k, v = (t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask,
             dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=self.is_causal and mask is None,    # a given mask already holds the causal part
         )                                                                    # (B, N, S, D)
-        return out.transpose(1, 2).reshape(batch, seq_len, hidden)          # (B, S, H)
+        out = out.transpose(1, 2).reshape(batch, seq_len, hidden)           # (B, S, H)
+        return out if packing is None else packing.pack(out)
 
 
 class BertSelfOutput(nn.Module):
@@ -131,8 +177,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: TokenPacking | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask, packing), x)
 
 
 class BertIntermediate(nn.Module):
@@ -169,8 +215,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: TokenPacking | None = None) -> torch.Tensor:
+        """`x` is (B, S, H), or (T, H) real tokens with their `packing`."""
+        x = self.attention(x, mask, packing)
         return self.output(self.intermediate(x), x)
 
 
@@ -179,11 +226,11 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
-                output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, output_hidden_states: bool = False,
+                packing: TokenPacking | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         states = [x] if output_hidden_states else None
         for layer in self.layer:
-            x = layer(x, mask)
+            x = layer(x, mask, packing)
             if states is not None:
                 states.append(x)
         return x, tuple(states) if states is not None else None
@@ -294,13 +341,22 @@ class BertModel(BertPreTrainedModel):
                 attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> BertModelOutput:
         """`input_ids`, `token_type_ids`, `attention_mask`: (B, S); the mask is 1 (or True) for
-        real tokens and 0 for padding, in any integer or boolean dtype."""
+        real tokens and 0 for padding, in any integer or boolean dtype. A batch that is mostly
+        padding runs packed (`TokenPacking`): its outputs are zero at padding positions."""
         mask = attention_mask_for(attention_mask, input_ids.shape[1], self.config.is_causal)
+        packing = TokenPacking.of(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)                      # (B, S, H)
-        x, states = self.encoder(x, mask, output_hidden_states)
+        if packing is not None:
+            x = packing.pack(x)                                              # (T, H)
+        x, states = self.encoder(x, mask, output_hidden_states, packing)
+        if packing is not None and states is not None:
+            states = tuple(packing.unpack(state) for state in states)
+            x = states[-1]                                                   # (B, S, H)
+        elif packing is not None:
+            x = packing.unpack(x)                                            # (B, S, H)
         pooled = self.pooler(x) if self.pooler is not None else None
         return BertModelOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
 
 
-__all__ = ["BertModel", "BertModelOutput", "BertPreTrainedModel", "BertEmbeddings", "BertSelfAttention",
+__all__ = ["BertModel", "BertModelOutput", "TokenPacking", "BertPreTrainedModel", "BertEmbeddings", "BertSelfAttention",
            "BertAttention", "BertLayer", "BertEncoder", "BertPooler", "attention_mask_for", "ACTIVATIONS"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bertray.config import BertConfig
-from bertray.model.bert import ACTIVATIONS, BertModel, BertModelOutput
+from bertray.model import bert
+from bertray.model.bert import ACTIVATIONS, BertModel, BertModelOutput, TokenPacking
 
 
 def tiny(**overrides) -> BertConfig:
@@ -46,10 +47,12 @@ def test_matches_transformers_on_a_real_checkpoint(minilm_dir, shared_data):
     lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
     texts = [t for _, t in sorted(zip(lengths, texts))]
     tokenizer.enable_padding()                         # pad each batch to its longest sequence
-    worst, padded, longest = 0.0, 0, 0
+    worst, padded, longest, packed = 0.0, 0, 0, 0
+    # One more batch of the 16 shortest and 16 longest texts: mostly padding, so it runs packed.
+    batches = [texts[start:start + 32] for start in range(0, len(texts), 32)] + [texts[:16] + texts[-16:]]
     with torch.no_grad():
-        for start in range(0, len(texts), 32):
-            encodings = tokenizer.encode_batch(texts[start:start + 32])
+        for batch_texts in batches:
+            encodings = tokenizer.encode_batch(batch_texts)
             ids = torch.tensor([e.ids for e in encodings])
             types = torch.tensor([e.type_ids for e in encodings])
             mask = torch.tensor([e.attention_mask for e in encodings])
@@ -59,10 +62,12 @@ def test_matches_transformers_on_a_real_checkpoint(minilm_dir, shared_data):
             worst = max(worst, (ours_out - theirs_out)[real].abs().max().item())
             padded += int((~real).any(dim=1).sum())
             longest = max(longest, ids.shape[1])
+            packed += TokenPacking.of(mask) is not None
     print(f"max |bertray - transformers| over real tokens: {worst:.3e} "
-          f"({len(texts)} texts, {padded} padded, longest {longest} tokens)")
+          f"({len(texts)} texts, {padded} padded, longest {longest} tokens, {packed} batches packed)")
     assert worst <= 1e-4
     assert padded >= 100 and longest >= 200           # the comparison did exercise padding and length
+    assert 1 <= packed < len(batches)                 # and both layouts
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,12 +128,14 @@ def test_causal_attention_hides_the_future(with_mask):
     mask = torch.ones_like(ids) if with_mask else None
     if with_mask:
         mask[1, 10:] = 0                                 # padding takes the combined-mask path
+    later = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    later[:, :7] = False                                 # real positions after the change
     torch.manual_seed(0)
     causal = BertModel(tiny(is_causal=True)).eval()
     a = causal(ids, attention_mask=mask).last_hidden_state
     b = causal(changed, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(a[:, :7], b[:, :7], atol=1e-6, rtol=0)
-    assert (a[:, 7:] - b[:, 7:]).abs().amax(dim=-1).min() > 1e-4   # every later position sees it
+    assert (a - b).abs().amax(dim=-1)[later].min() > 1e-4   # every later position sees it
 
     torch.manual_seed(0)
     bidirectional = BertModel(tiny()).eval()
@@ -148,6 +155,58 @@ def test_padding_does_not_change_real_positions(causal, mask_dtype):
     padded = model(padded_ids, attention_mask=mask)
     torch.testing.assert_close(padded.last_hidden_state[:, :10], alone.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(padded.pooler_output, alone.pooler_output, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing: mostly-padded batches skip the padding in the dense layers
+
+
+def ragged_mask(lengths: list[int], seq_len: int) -> torch.Tensor:
+    return (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def test_packing_round_trips_and_is_chosen_by_the_real_share():
+    mask = ragged_mask([5, 2, 7], 8)                                     # 14 of 24 real
+    packing = TokenPacking.of(mask)
+    assert packing.index.tolist() == [0, 1, 2, 3, 4, 8, 9, 16, 17, 18, 19, 20, 21, 22]
+    x = torch.randn(3, 8, 4)
+    packed = packing.pack(x)
+    assert packed.shape == (14, 4)
+    back = packing.unpack(packed)
+    real = mask.bool()
+    assert torch.equal(back[real], x[real]) and not back[~real].any()
+    assert TokenPacking.of(None) is None
+    assert TokenPacking.of(torch.ones(3, 8, dtype=torch.long)) is None                  # nothing to skip
+    assert TokenPacking.of(ragged_mask([8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 7], 8)) is None
+    assert TokenPacking.of(ragged_mask([8, 8, 8, 1], 8)) is not None                    # 25 of 32 real
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_and_padded_encoders_agree_in_outputs_and_gradients(causal, monkeypatch):
+    """The same mostly-padded batch through both layouts: equal hidden states (every layer) and
+    pooled output at real tokens, zeros at padding, and equal parameter gradients."""
+    torch.manual_seed(0)
+    model = BertModel(tiny(is_causal=causal, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ids = torch.randint(5, 211, (4, 12))
+    types = (torch.arange(12) >= 4).long().expand(4, 12)
+    mask = ragged_mask([12, 3, 7, 1], 12)
+    real = mask.bool()
+    runs = {}
+    for name, share in (("packed", 1.0), ("padded", 0.0)):
+        monkeypatch.setattr(bert, "PACK_BELOW_REAL_SHARE", share)
+        model.zero_grad()
+        out = model(ids, types, mask, output_hidden_states=True)
+        # A loss that reads real tokens only, as every head's does.
+        (out.last_hidden_state[real].square().mean() + out.pooler_output.sum()).backward()
+        runs[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (packed, packed_grads), (padded, padded_grads) = runs["packed"], runs["padded"]
+    for a, b in zip(packed.hidden_states, padded.hidden_states, strict=True):
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0)
+        assert not a[~real].any()                                        # never computed
+    assert packed.last_hidden_state is packed.hidden_states[-1]
+    torch.testing.assert_close(packed.pooler_output, padded.pooler_output, atol=1e-5, rtol=0)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_dropout_only_in_training():
