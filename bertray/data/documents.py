@@ -152,17 +152,22 @@ _UTF8_REPLACEMENT_BYTES = _UTF8_REPLACEMENT.encode("utf-8")
 
 
 class _LineSplitter:
-    """Splits decoded text into lines while holding at most `max_line_chars` of an unfinished line."""
+    """Splits decoded text into lines while holding at most `max_line_chars` of an unfinished line.
 
-    def __init__(self, counters: CorpusCounters, max_line_chars: int) -> None:
+    A longer line is yielded in pieces (`cut`), or dropped as it streams and yielded as one None
+    (`skip`: a JSONL row cut in pieces is no longer JSON, and the None keeps line numbers right)."""
+
+    def __init__(self, counters: CorpusCounters, max_line_chars: int, *, skip_overlong: bool = False) -> None:
         self.counters = counters
         self.limit = max_line_chars
+        self.skip_overlong = skip_overlong
         self.pending: list[str] = []
         self.pending_len = 0
         self.was_cut = False
+        self.skipping = False
 
-    def feed(self, text: str) -> list[str]:
-        out: list[str] = []
+    def feed(self, text: str) -> list[str | None]:
+        out: list[str | None] = []
         parts = text.split("\n")
         last = len(parts) - 1
         for i, part in enumerate(parts):
@@ -172,17 +177,24 @@ class _LineSplitter:
                 self._end_line(out)
         return out
 
-    def finish(self) -> list[str]:
-        out: list[str] = []
-        if self.pending:
+    def finish(self) -> list[str | None]:
+        out: list[str | None] = []
+        if self.pending or self.skipping:
             self._end_line(out)
         return out
 
-    def _append(self, part: str, out: list[str]) -> None:
+    def _append(self, part: str, out: list[str | None]) -> None:
         limit = self.limit
+        if self.skipping:
+            return
         if self.pending_len + len(part) <= limit:
             self.pending.append(part)
             self.pending_len += len(part)
+            return
+        if self.skip_overlong:
+            self.skipping = True
+            self.pending = []
+            self.pending_len = 0
             return
         pos = 0
         while self.pending_len + (len(part) - pos) > limit:
@@ -200,11 +212,15 @@ class _LineSplitter:
             self.pending.append(part[pos:])
             self.pending_len += len(part) - pos
 
-    def _end_line(self, out: list[str]) -> None:
+    def _end_line(self, out: list[str | None]) -> None:
+        self.counters["lines"] += 1
+        if self.skipping:
+            out.append(None)
+            self.skipping = False
+            return
         line = "".join(self.pending)
         if line.endswith("\r"):
             line = line[:-1]
-        self.counters["lines"] += 1
         # The tail of a cut line may be empty; yielding it would look like a blank line.
         if line or not self.was_cut:
             out.append(line)
@@ -238,21 +254,23 @@ def _pieces(text: str, limit: int) -> Iterator[str]:
         yield text[pos:]
 
 
-def iter_lines(chunks: Iterable[bytes], counters: CorpusCounters, *, max_line_chars: int) -> Iterator[str]:
+def iter_lines(chunks: Iterable[bytes], counters: CorpusCounters, *, max_line_chars: int,
+               skip_overlong: bool = False) -> Iterator[str | None]:
     """The lines of one file given as byte chunks of any size (one call counts one file).
 
     Decoding is incremental, so a multi-byte character split across two chunks decodes correctly;
     undecodable bytes become U+FFFD and are counted as `invalid_utf8` (a real U+FFFD in the file is
     not). Lines end at `\\n` (a trailing `\\r` is dropped); a line longer than `max_line_chars` is
     yielded in pieces as it streams (counted once in `long_lines_cut`) so a newline-free file
-    never sits in memory whole. A missing final newline still ends the last line; an empty file
-    yields nothing.
+    never sits in memory whole; with `skip_overlong` it is dropped as it streams and yielded as
+    None, for the caller to count and name. A missing final newline still ends the last line; an
+    empty file yields nothing.
     """
     if max_line_chars < 1:
         raise ConfigError(f"max_line_chars: must be a positive integer, got {max_line_chars!r}")
     counters["files"] += 1
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    splitter = _LineSplitter(counters, max_line_chars)
+    splitter = _LineSplitter(counters, max_line_chars, skip_overlong=skip_overlong)
     tail = b""
     for chunk in chunks:
         if not chunk:

@@ -177,7 +177,12 @@ def _jsonl_documents(file: CorpusFile, layout: CorpusLayout, counters: CorpusCou
                      storage_options: Mapping[str, Any] | None) -> Iterator[list[str]]:
     layout = _row_layout(layout)
     chunks = iter_chunks(file.url, storage_options=storage_options)
-    for line_no, line in enumerate(iter_lines(chunks, counters, max_line_chars=MAX_JSONL_ROW_CHARS), 1):
+    lines = iter_lines(chunks, counters, max_line_chars=MAX_JSONL_ROW_CHARS, skip_overlong=True)
+    for line_no, line in enumerate(lines, 1):
+        if line is None:
+            counters["long_rows_skipped"] += 1
+            log.warning("%s:%d: skipped a JSON row longer than %d characters", file.url, line_no, MAX_JSONL_ROW_CHARS)
+            continue
         if not line.strip():
             continue
         try:

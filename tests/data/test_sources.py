@@ -82,6 +82,27 @@ def test_jsonl_rows_with_bad_records_are_counted(tmp_path, caplog):
     assert ":3: skipped a row without a string field 'text'" in caplog.text
 
 
+def test_an_overlong_jsonl_row_is_skipped_whole_and_named(tmp_path, caplog, monkeypatch):
+    """A row over the limit is one skipped row with its own line number, not pieces counted as
+    malformed rows that shift the numbers of the rows after it."""
+    from bertray.data import sources
+
+    monkeypatch.setattr(sources, "MAX_JSONL_ROW_CHARS", 200)
+    long_row = json.dumps({"text": "Word " * 100 + "end."})                      # 500+ characters
+    rows = [json.dumps({"text": "Alpha one. Alpha two."}), long_row, "{not json",
+            json.dumps({"text": "Beta one. Beta two."}), long_row]                 # the last has no newline
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(rows))
+    docs, counters = docs_of(str(path))
+    assert docs == [["Alpha one.", "Alpha two."], ["Beta one.", "Beta two."]]
+    assert counters["long_rows_skipped"] == 2 and counters["bad_json_rows"] == 1
+    assert counters["long_lines_cut"] == 0 and counters["lines"] == 5
+    text = caplog.text.replace("file://", "")
+    assert f"{path}:2: skipped a JSON row longer than 200 characters" in text
+    assert f"{path}:5: skipped a JSON row longer than 200 characters" in text
+    assert f"{path}:3: skipped a malformed JSON row" in text
+
+
 def test_parquet_rows(tmp_path):
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"content": ["One here. Two here.", None, "Three here."]}), path)
