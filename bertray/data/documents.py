@@ -184,9 +184,9 @@ class _LineSplitter:
         return out
 
     def _append(self, part: str, out: list[str | None]) -> None:
-        limit = self.limit
         if self.skipping:
             return
+        limit = self.limit
         if self.pending_len + len(part) <= limit:
             self.pending.append(part)
             self.pending_len += len(part)

@@ -349,11 +349,9 @@ class BertModel(BertPreTrainedModel):
         if packing is not None:
             x = packing.pack(x)                                              # (T, H)
         x, states = self.encoder(x, mask, output_hidden_states, packing)
-        if packing is not None and states is not None:
-            states = tuple(packing.unpack(state) for state in states)
-            x = states[-1]                                                   # (B, S, H)
-        elif packing is not None:
-            x = packing.unpack(x)                                            # (B, S, H)
+        if packing is not None:                                              # back to (B, S, H)
+            states = tuple(map(packing.unpack, states)) if states is not None else None
+            x = states[-1] if states is not None else packing.unpack(x)
         pooled = self.pooler(x) if self.pooler is not None else None
         return BertModelOutput(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
 
