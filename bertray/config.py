@@ -409,7 +409,12 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     corpus: tuple[str, ...] = doc((), "corpus URLs, globs or directories: local paths, s3://, gs://, any fsspec URL")
-    eval_corpus: tuple[str, ...] = doc((), "held-out corpus for the fixed-mask evaluation (empty: no evaluation)")
+    eval_corpus: tuple[str, ...] = doc((), "held-out corpus for the fixed-mask evaluation (empty: the documents "
+                                           "data.holdout_fraction keeps out of training, or no evaluation); its "
+                                           "files must not be training files")
+    holdout_fraction: float = doc(0.0, "share of data.corpus documents (chosen by a hash of file and position) "
+                                       "never trained on; they are the held-out evaluation set unless "
+                                       "data.eval_corpus is given")
     format: Literal["auto", "text", "jsonl", "parquet"] = doc("auto", "file format (auto: by extension)")
     layout: str = doc("bert", "corpus layout preset: bert (sentence per line, blank line between documents), "
                               "wikitext, gutenberg, paragraphs")
@@ -442,6 +447,9 @@ class DataSection:
     files_per_read_task: int = doc(4, "files interleaved per read task")
     preserve_order: bool = doc(False, "deliver instances in read order: a re-run sees the same data in the same "
                                       "order (reproducible), at some throughput cost on big clusters")
+    shuffle_buffer: int = doc(8192, "instances each Train worker mixes before it cuts batches (0: none). The "
+                                    "stream arrives an NSP buffer at a time, thousands of instances from a few "
+                                    "documents; unmixed, a hundred steps in a row would see the same few books")
     read_cpus: float = doc(0.25, "CPUs per read task (fractional: leaves room for Train workers)")
     tokenizer_cpus: float = doc(1.0, "CPUs per tokenizer actor (it tokenizes, pairs and masks)")
     tokenizer_actors: int = doc(0, "tokenizer actors (0: autoscale with the cluster)")
@@ -452,9 +460,12 @@ class DataSection:
         check(len(self.corpus) > 0, "data.corpus", "give at least one URL")
         check(0 <= self.short_seq_prob <= 1, "data.short_seq_prob", f"must be in [0, 1], got {self.short_seq_prob}")
         check(0 < self.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+        check(0 <= self.holdout_fraction <= 0.5, "data.holdout_fraction",
+              f"must be in [0, 0.5], got {self.holdout_fraction}")
         check(self.vocab_size >= 100, "data.vocab_size", f"must be >= 100, got {self.vocab_size}")
         for key in ("docs_per_batch", "files_per_read_task", "buffer_chars"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         for key in ("read_cpus", "tokenizer_cpus"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
         self.corpus_layout()

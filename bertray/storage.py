@@ -7,6 +7,17 @@ import os
 import fsspec
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def absolute_url(url: str) -> str:
+    """A relative local path made absolute: Ray workers run in a working directory of their own, so
+    `runs/x` written by a worker would land somewhere under /tmp/ray instead of beside the driver."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return os.path.abspath(path) if is_local(fs) and "://" not in url else url
+
+
 def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         "steps": m.get("step"), "loss": m.get("loss"), "mlm_accuracy": m.get("mlm_accuracy"),
         "nsp_accuracy": m.get("nsp_accuracy"), "eval_mlm_accuracy": m.get("eval_mlm_accuracy"),
         "eval_nsp_accuracy": m.get("eval_nsp_accuracy"), **result.baselines, "sequences_per_s": m.get("sequences_per_s"),
-        "checkpoint": result.checkpoint, "wall_s": round(time.perf_counter() - started, 1),
+        "checkpoint": result.checkpoint, "curves": _curves(cfg), "wall_s": round(time.perf_counter() - started, 1),
         "pipeline": result.counters,
     }
     print("\n== pretraining finished ==")
@@ -92,6 +92,14 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _curves(cfg) -> str:
+    from bertray.storage import absolute_url, exists, join_url
+    from bertray.train.curves import CURVES
+
+    url = join_url(absolute_url(cfg.run.output), cfg.run.name, CURVES)
+    return url if exists(url) else "none (pip install 'bertray[plot]' for curves.png)"
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ run resumes so the resumed stream is fresh rather than a replay of what was alre
 from __future__ import annotations
 
 import logging
+import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +27,7 @@ from ray.data.datasource import Datasource, ReadTask
 from bertray.data.documents import CorpusCounters, CorpusLayout, DocumentPiece
 from bertray.data.masking import MaskingConfig, causal_lm_targets, mask_tokens
 from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instances
-from bertray.data.seeding import derive_rng
+from bertray.data.seeding import derive_rng, stable_hash
 from bertray.data.sources import CorpusFile, read_documents
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ OBJECTIVES = ("mlm_nsp", "mlm", "ltr")
 TRAINER_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
                    "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
 PROVENANCE_COLUMNS = ("doc_id", "b_doc_id", "a_start", "a_end", "b_start", "b_end", "pass_index")
+SPLITS = ("train", "heldout")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class StreamSpec:
     buffer_chars: int = 1_000_000
     files_per_read_task: int = 4
     preserve_order: bool = False       # same instances in the same order on every run (see DataSection)
+    holdout_fraction: float = 0.0      # share of documents kept out of training (see `is_held_out`)
+    split: str = "train"               # "train": every document not held out; "heldout": only those
     read_cpus: float = 0.25
     tokenizer_cpus: float = 1.0
     tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
@@ -74,7 +79,23 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
         generation=generation, passes=passes, docs_per_batch=data.docs_per_batch,
         buffer_chars=data.buffer_chars, preserve_order=data.preserve_order,
         files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
-        tokenizer_actors=data.tokenizer_actors, storage_options=data.storage_options)
+        tokenizer_actors=data.tokenizer_actors, storage_options=data.storage_options,
+        holdout_fraction=data.holdout_fraction)
+
+
+_HOLDOUT_BUCKETS = 1 << 20
+
+
+def is_held_out(url: str, document_number: int, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split: a hash of (the file's folder and name, its
+    position in the file). The choice is the same in every process, pass and run, needs no index of
+    the corpus, takes documents from every file rather than whole files, and does not change with
+    where the corpus lies or how its path is spelled (`../data/x.txt`, `s3://bucket/data/x.txt`)."""
+    if fraction <= 0:
+        return False
+    parts = urlsplit(url)
+    key = "/".join(posixpath.normpath(f"{parts.netloc}/{parts.path}").split("/")[-2:])   # s3://bucket/x: the bucket is the folder
+    return stable_hash(f"{key}#{document_number}") % _HOLDOUT_BUCKETS < fraction * _HOLDOUT_BUCKETS
 
 
 @ray.remote(num_cpus=0)
@@ -124,18 +145,23 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
     sources: list[int] = []
     held: tuple[list, list, list] | None = None
     chars = 0
+    urls = {f.index: f.url for f in files}
+    want_held_out = spec.split == "heldout"
     while streams:
         for index in list(streams):
             doc = next(streams[index], None)
             if doc is None:
                 del streams[index]
                 continue
-            docs.append(doc)
-            ids.append((index << 32) | next_doc[index])
+            doc_id = (index << 32) | next_doc[index]
             if not isinstance(doc, DocumentPiece):
-                source[index] = ids[-1]
-            sources.append(source[index])
+                source[index] = doc_id
             next_doc[index] += 1
+            if is_held_out(urls[index], next_doc[index] - 1, spec.holdout_fraction) != want_held_out:
+                continue
+            docs.append(doc)
+            ids.append(doc_id)
+            sources.append(source[index])
             chars += sum(map(len, doc))
             if len(docs) >= spec.docs_per_batch or (chars >= spec.buffer_chars and len(docs) >= MIN_BUFFER_DOCS):
                 if held is not None:
@@ -292,11 +318,23 @@ def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, voc
     return out if columns is None else {key: out[key] for key in columns}
 
 
+def iter_local(files: Sequence[CorpusFile], spec: StreamSpec,
+               columns: Sequence[str] = TRAINER_COLUMNS) -> Iterator[dict[str, np.ndarray]]:
+    """The same stages in this process, without Ray, in the order `preserve_order` delivers them:
+    for benchmarks and tests that need the exact instances a run trains on."""
+    stage = TokenizePairMask(spec, None, columns)
+    for task in CorpusDatasource(files, spec).get_read_tasks(1):
+        for table in task():
+            yield stage(table)
+
+
 def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_actor: Any = None,
                   keep_provenance: bool = False) -> "ray.data.Dataset":
     """The streaming dataset of masked pretraining instances (lazy: nothing runs until iterated)."""
     if spec.objective not in OBJECTIVES:
         raise ValueError(f"objective {spec.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if spec.split not in SPLITS:
+        raise ValueError(f"split {spec.split!r}: choose one of {', '.join(SPLITS)}")
     pool = (ray.data.ActorPoolStrategy(size=spec.tokenizer_actors) if spec.tokenizer_actors > 0
             else ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
     columns = TRAINER_COLUMNS + (PROVENANCE_COLUMNS if keep_provenance else ())

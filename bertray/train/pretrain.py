@@ -28,19 +28,19 @@ import torch
 
 from bertray.config import BertConfig, PretrainConfig, from_mapping, to_mapping
 from bertray.data.pipeline import TRAINER_COLUMNS, PipelineCounters, build_dataset, stream_spec
-from bertray.data.sources import preflight_layout, resolve_corpus
+from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError
-from bertray.storage import exists, join_url, write_text
+from bertray.storage import absolute_url, exists, is_local, join_url, write_text
 from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, load_run_state, load_training_state,
                                        resolve_checkpoint, save_training_checkpoint, set_rng_state)
+from bertray.train.curves import BASELINES, HISTORY, write_run_curves
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 
 log = logging.getLogger("bertray.train")
 
 EVAL_SEED = 12345
-HISTORY = "history.json"   # every logged interval of the run (Ray keeps only checkpointed metrics)
 FAULT_MARKER = ".fault_injected"
 
 
@@ -91,8 +91,12 @@ def _item(value: Any) -> float | None:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4))
+def _batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches mixed across NSP buffers: each buffer holds a few documents' instances, so without the
+    local shuffle consecutive steps would train on the same few sources (and NSP swings with them)."""
+    shuffle = dict(local_shuffle_buffer_size=max(shuffle_buffer, batch_size), local_shuffle_seed=seed) \
+        if shuffle_buffer else {}
+    return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4, **shuffle))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +160,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         per_worker = phase.batch_size // world
         micro = tcfg.micro_batch_size or per_worker
         accumulation = per_worker // micro
-        batches = _batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro)
+        batches = _batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro, cfg.data.shuffle_buffer,
+                           seed=tcfg.seed * 1000 + rank)
         if rank == 0:
             log.info("phase %d: steps %d-%d, sequence %d, P %d, global batch %d (%d workers x %d x %d accumulation)",
                      phase_index, state.step + 1, phase_end, phase.max_seq_len, phase.max_predictions_per_seq,
@@ -214,7 +219,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             if save:
                 state.history = history
                 _report_checkpoint(model, tokenizer, optimizer, scheduler, state, {**last, "step": state.step},
-                                   rank, run_url, keep=state.step in tcfg.save_at_steps)
+                                   rank, run_url, keep=state.step in tcfg.save_at_steps,
+                                   baselines=loop_config["baselines"])
             elif metrics:
                 ray.train.report({**last, "step": state.step})
         if exhausted:
@@ -264,8 +270,10 @@ def _maybe_inject_fault(fail_at_step: int | None, step: int, rank: int, run_url:
 
 
 def _report_checkpoint(model, tokenizer, optimizer, scheduler, state: RunState, metrics: dict[str, Any],
-                       rank: int, run_url: str, keep: bool) -> None:
-    """Every rank reports (report is a barrier); rank 0 attaches the checkpoint and moves `latest`."""
+                       rank: int, run_url: str, keep: bool, baselines: dict[str, float]) -> None:
+    """Every rank reports (report is a barrier); rank 0 attaches the checkpoint, moves `latest` and
+    redraws the run's learning curves (history.json is every logged interval: Ray keeps only the
+    metrics reported with checkpoints)."""
     name = f"checkpoint_{state.step:08d}"
     state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if rank != 0:
@@ -281,6 +289,10 @@ def _report_checkpoint(model, tokenizer, optimizer, scheduler, state: RunState, 
             fs.put(directory.rstrip("/") + "/", path, recursive=True)
     write_text(join_url(run_url, LATEST), name + "\n")
     write_text(join_url(run_url, HISTORY), json.dumps(state.history, default=float) + "\n")
+    try:
+        write_run_curves(run_url, state.history, baselines)
+    except Exception as exc:   # a picture must never cost a training run
+        log.warning("could not draw %s/curves.png: %s: %s", run_url, type(exc).__name__, exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +302,7 @@ def _report_checkpoint(model, tokenizer, optimizer, scheduler, state: RunState, 
 def storage_for(output: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for `ray.train.RunConfig` from a local path or fsspec URL."""
     fs, path = fsspec.core.url_to_fs(output)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         return os.path.abspath(path), None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -318,19 +330,35 @@ def _next_generation(run_url: str) -> int:
     return generation
 
 
-def eval_batches(cfg: PretrainConfig, tokenizer_json: str) -> list[dict[str, np.ndarray]]:
-    """Fixed held-out batches: pairs and masks from a fixed seed, drawn once on the driver."""
-    if not cfg.data.eval_corpus:
+EVAL_FILES_PER_TASK = 64   # held-out files interleaved in one read task: the first rows span them all
+
+
+def eval_batches(cfg: PretrainConfig, tokenizer_json: str, train_files: list[CorpusFile]) -> list[dict[str, np.ndarray]]:
+    """Fixed held-out batches: pairs and masks from a fixed seed, drawn once on the driver, from
+    `data.eval_corpus` or else from the documents `data.holdout_fraction` keeps out of training."""
+    data = cfg.data
+    if data.eval_corpus:
+        files = resolve_corpus(data.eval_corpus, storage_options=data.storage_options)
+        split, source = "train", f"data.eval_corpus: {list(data.eval_corpus)}"
+        shared = sorted({f.url for f in files} & {f.url for f in train_files})
+        if shared:
+            raise ConfigError(f"data.eval_corpus: {len(shared)} of its files are also training files (e.g. "
+                              f"{shared[0]}), so the held-out scores would measure memorised text; give separate "
+                              "files, or leave data.eval_corpus empty and set data.holdout_fraction")
+    elif data.holdout_fraction > 0:
+        files, split, source = train_files, "heldout", f"data.holdout_fraction: {data.holdout_fraction}"
+    else:
         return []
-    files = resolve_corpus(cfg.data.eval_corpus, storage_options=cfg.data.storage_options)
-    spec = stream_spec(cfg.data, cfg.train.phases[0], tokenizer_json, seed=EVAL_SEED, generation=0, passes=1)
-    spec = dataclasses.replace(spec, preserve_order=True)   # the same held-out rows on every run
     phase = cfg.train.phases[0]
+    spec = dataclasses.replace(
+        stream_spec(data, phase, tokenizer_json, seed=EVAL_SEED, generation=0, passes=1),
+        split=split, holdout_fraction=data.holdout_fraction if split == "heldout" else 0.0, preserve_order=True,
+        files_per_read_task=min(len(files), EVAL_FILES_PER_TASK))
     size = min(phase.batch_size, 64)
     rows = build_dataset(files, spec).take_batch(size * cfg.train.eval_batches, batch_format="numpy")
     n = len(rows["input_ids"]) // size
     if n == 0:
-        raise ConfigError(f"data.eval_corpus: {cfg.data.eval_corpus} gives fewer than {size} held-out sequences")
+        raise ConfigError(f"{source} gives fewer than {size} held-out sequences")
     return [{k: np.ascontiguousarray(v[i * size:(i + 1) * size]) for k, v in rows.items()} for i in range(n)]
 
 
@@ -370,7 +398,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     context.execution_options.preserve_order = cfg.data.preserve_order   # Train splits with this one
 
     started = time.perf_counter()
-    run_url = join_url(cfg.run.output, cfg.run.name)
+    run_url = join_url(absolute_url(cfg.run.output), cfg.run.name)
     files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
     log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
     warning = preflight_layout(files, cfg.data.corpus_layout(), fmt=cfg.data.format,
@@ -380,7 +408,9 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     tokenizer = run_tokenizer(cfg.data, files, run_url)
     bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
     tokenizer_json = tokenizer.to_str()
-    evaluation = eval_batches(cfg, tokenizer_json)
+    evaluation = eval_batches(cfg, tokenizer_json, files)
+    baselines = eval_baselines(evaluation)
+    write_text(join_url(run_url, BASELINES), json.dumps(baselines) + "\n")
     counters = PipelineCounters.remote()
     datasets = {f"train_{i}": functools.partial(_phase_dataset, files, cfg.data, phase, tokenizer_json, cfg.train.seed,
                                                 cfg.train.corpus_passes, run_url, counters)
@@ -392,7 +422,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     tensorboard_dir = _tensorboard_dir(cfg, run_url) if cfg.run.tensorboard else None
     loop_config = {
         "config": to_mapping(cfg), "bert_config": bert_config.to_dict(), "tokenizer_json": tokenizer_json,
-        "run_url": run_url, "eval_batches": evaluation,
+        "run_url": run_url, "eval_batches": evaluation, "baselines": baselines,
         "init_from": resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
         "tensorboard_dir": tensorboard_dir,
     }
@@ -415,14 +445,14 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     metrics = dict(result.return_value or result.metrics or {})
     return PretrainResult(metrics=metrics, reported=dict(result.metrics or {}), checkpoint=checkpoint_url,
                           counters=ray.get(counters.get.remote()), elapsed_s=time.perf_counter() - started,
-                          baselines=eval_baselines(evaluation))
+                          baselines=baselines)
 
 
 def _tensorboard_dir(cfg: PretrainConfig, run_url: str) -> str:
     """Event files go to the run directory when it is local; remote runs log to a local folder
     named after the run (TensorBoard's writer cannot append to object storage)."""
     fs, path = fsspec.core.url_to_fs(run_url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         return os.path.join(os.path.abspath(path), "tensorboard")
     return os.path.join(tempfile.gettempdir(), "bertray-tensorboard", cfg.run.name)
 

@@ -169,6 +169,37 @@ def winners_table(best: Mapping[tuple[str, str], TrialRecord], records: Sequence
     return "\n".join(lines)
 
 
+def seed_means(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
+    """Mean and spread of the score over the seeds of each grid point: the winner is the best of the
+    restarts, as in the paper, but one seed moves a small-data task by points, so a comparison of
+    two checkpoints reads the means."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        if r.status != FAILED and r.score is not None:
+            point = tuple(r.config.get(k) for k in GRID_KEYS if k != "seed")
+            groups.setdefault((r.row, r.task, point), []).append(r.score)
+    out = []
+    for (row, task, point), scores in groups.items():
+        mean = sum(scores) / len(scores)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) if len(scores) > 1 else 0.0
+        out.append({"row": row, "task": task, **dict(zip([k for k in GRID_KEYS if k != "seed"], point)),
+                    "seeds": len(scores), "mean": mean, "sd": sd, "min": min(scores), "max": max(scores)})
+    return out
+
+
+def seed_means_table(records: Sequence[TrialRecord]) -> str:
+    means = seed_means(records)
+    if not any(m["seeds"] > 1 for m in means):
+        return ""
+    lines = ["### Mean over seeds (primary metric of the first dev split, every grid point)", "",
+             "| checkpoint | task | lr | batch | epochs | seeds | mean | sd | min | max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in means:
+        lines.append(f"| {m['row']} | {m['task']} | {m['learning_rate']:g} | {m['batch_size']} | {m['epochs']} | "
+                     f"{m['seeds']} | {m['mean']:.2f} | {m['sd']:.2f} | {m['min']:.2f} | {m['max']:.2f} |")
+    return "\n".join(lines)
+
+
 def failures_table(records: Sequence[TrialRecord]) -> str:
     """Trials that failed for good, and trials that succeeded only after a retry."""
     failed = [r for r in records if r.status == FAILED or r.failures]
@@ -195,7 +226,7 @@ def markdown(records: Sequence[TrialRecord], *, title: str = "Fine-tuning result
     rows = list(dict.fromkeys(r.row for r in records))
     tasks = list(dict.fromkeys(r.task for r in records))
     parts = [f"# {title}", *(n for n in notes if n), paper_tables(best, rows, tasks), winners_table(best, records),
-             failures_table(records)]
+             seed_means_table(records), failures_table(records)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -227,6 +258,7 @@ def to_json(records: Sequence[TrialRecord], setting: Mapping[str, Any] | None = 
         "setting": dict(setting or {}),
         "best": [{"row": row, "task": task, "trial_id": r.trial_id, "config": r.config,
                   "score": r.score, "metrics": _clean(r.metrics)} for (row, task), r in best.items()],
+        "seed_means": seed_means(records),
         "trials": [{**asdict(r), "metrics": _clean(r.metrics)} for r in records],
     }
     return json.dumps(data, indent=2, default=str) + "\n"

@@ -36,9 +36,13 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_[0-9]*"))
 
 
-def test_embedded_default_flow_end_to_end(ray_cluster, tmp_path):
-    """`python flows/pretrain.py` (the no-argument default), with a small step count."""
+def test_embedded_default_flow_end_to_end(ray_cluster, tmp_path, monkeypatch):
+    """`python flows/pretrain.py` (the no-argument default), with a small step count and the output
+    given as a relative path, as the default `runs` is: the workers, which run in a working directory
+    of their own, must still write history, curves and `latest` beside the driver's checkpoints."""
     import importlib.util
+
+    monkeypatch.chdir(tmp_path)
 
     spec = importlib.util.spec_from_file_location("pretrain_flow", REPO / "flows" / "pretrain.py")
     flow = importlib.util.module_from_spec(spec)
@@ -46,7 +50,7 @@ def test_embedded_default_flow_end_to_end(ray_cluster, tmp_path):
     summary = tmp_path / "summary.json"
     code = flow.main(["--train.max_steps", "8", "--train.log_every", "4", "--train.eval_every", "0",
                       "--train.eval_batches", "2", "--train.checkpoint_every", "2", "--train.keep_checkpoints", "2",
-                      "--output", str(tmp_path / "runs"), "--name", "embedded", "--json", str(summary)])
+                      "--output", "runs", "--name", "embedded", "--json", str(summary)])
     assert code == 0
     result = json.loads(summary.read_text())
     assert result["steps"] == 8
@@ -57,6 +61,14 @@ def test_embedded_default_flow_end_to_end(ray_cluster, tmp_path):
     assert resolve_checkpoint(str(tmp_path / "runs" / "embedded")) == str(checkpoint)
     assert checkpoint_steps(tmp_path / "runs" / "embedded") == [6, 8]      # the last train.keep_checkpoints
     assert result["pipeline"]["instances"] > 0 and result["pipeline"]["documents"] > 0
+    # The learning curves beside history.json, with the baselines the held-out accuracies must beat.
+    run = tmp_path / "runs" / "embedded"
+    assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [4, 8]
+    assert result["curves"] == str(run / "curves.png")
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    baselines = json.loads((run / "eval_baselines.json").read_text())
+    assert baselines == {k: result[k] for k in ("eval_mlm_baseline", "eval_nsp_majority")}
+    assert 0 < baselines["eval_mlm_baseline"] < 0.2 and 0.5 <= baselines["eval_nsp_majority"] < 0.8
     # TensorBoard event files under the run directory, with the interval metrics as scalars.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -72,3 +72,17 @@ def test_csv_and_json_list_every_trial_with_status_config_metrics_error(tmp_path
     assert data["setting"] == {"tasks": "glue"} and len(data["trials"]) == 11
     assert {(b["row"], b["task"]) for b in data["best"]} == {
         ("bert", t) for t in ("mnli", "sst2", "mrpc", "wnli", "squad1", "conll2003")} | {("random init", "sst2")}
+
+
+def test_seed_means_per_grid_point_leave_out_failed_trials():
+    records = [_record("bert", "sst2", 5e-5, score, seed=seed, dev_accuracy=score)
+               for seed, score in enumerate((80.0, 82.0, 84.0))]
+    records += [_record("bert", "sst2", 5e-5, 99.0, seed=3, status=FAILED),
+                _record("bert", "sst2", 3e-5, 70.0), _record("random init", "sst2", 5e-5, 75.0)]
+    means = {(m["row"], m["learning_rate"]): m for m in results.seed_means(records)}
+    assert means[("bert", 5e-5)] == {"row": "bert", "task": "sst2", "learning_rate": 5e-5, "batch_size": 32,
+                                     "epochs": 3, "seeds": 3, "mean": 82.0, "sd": 2.0, "min": 80.0, "max": 84.0}
+    assert means[("bert", 3e-5)]["seeds"] == 1 and means[("random init", 5e-5)]["mean"] == 75.0
+    text = results.markdown(records)
+    assert "| bert | sst2 | 5e-05 | 32 | 3 | 3 | 82.00 | 2.00 | 80.00 | 84.00 |" in text
+    assert "Mean over seeds" not in results.markdown(_records())      # one seed per grid point: no table
