@@ -412,7 +412,7 @@ class DataSection:
     eval_corpus: tuple[str, ...] = doc((), "held-out corpus for the fixed-mask evaluation (empty: the documents "
                                            "data.holdout_fraction keeps out of training, or no evaluation); its "
                                            "files must not be training files")
-    holdout_fraction: float = doc(0.0, "share of data.corpus documents (chosen by a hash of file and position) "
+    holdout_fraction: float = doc(0.0, "share of data.corpus documents (chosen by a hash of file name and position) "
                                        "never trained on; they are the held-out evaluation set unless "
                                        "data.eval_corpus is given")
     format: Literal["auto", "text", "jsonl", "parquet"] = doc("auto", "file format (auto: by extension)")
