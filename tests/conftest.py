@@ -1,4 +1,5 @@
-"""Shared fixtures. Environment set here, before anything imports Ray (RAY-NOTES.md section 9)."""
+"""Shared fixtures. Environment set here, before anything imports Ray: a worker started later
+inherits it (no token auth, no usage stats, no model hub)."""
 
 import os
 import pathlib

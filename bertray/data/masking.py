@@ -1,7 +1,7 @@
-"""Masked-LM targets for a batch of sequences, as DESIGN.md section 5 ("Masking").
+"""Masked-LM targets for a batch of sequences, as the paper (section 3.1) and Google's reference do.
 
 Masks are drawn when a batch is produced (dynamic masking), from a generator the caller derives
-from (seed, epoch, shard, block), so every epoch sees new masks and a run stays reproducible.
+from (seed, generation, pass, file, document), so every pass sees new masks and a run stays reproducible.
 
 The default is the reference procedure of Google's `create_pretraining_data`: exactly
 `n = min(P, max(1, round(len * mask_prob)))` positions per sequence (Python's half-to-even round;

@@ -1,11 +1,11 @@
 """Tokenized documents -> next-sentence-prediction instances, as Google's `create_pretraining_data`.
 
-The procedure is DESIGN.md section 5 (and `create_instances_from_document` in
-github.com/google-research/bert): per document a target length (short with probability
-`short_seq_prob`, drawn once per document), chunks of consecutive sentences accumulated up to
-that target, a random split into A and B, B replaced by a run of sentences from another document
-with probability `nsp_prob` (always for one-sentence chunks), unused sentences put back, and the
-longer side trimmed one token at a time from a random end.
+The procedure is `create_instances_from_document` in github.com/google-research/bert: per
+document a target length (short with probability `short_seq_prob`, drawn once per document),
+chunks of consecutive sentences accumulated up to that target, a random split into A and B, B
+replaced by a run of sentences from another document with probability `nsp_prob` (always for
+one-sentence chunks), unused sentences put back, and the longer side trimmed one token at a time
+from a random end.
 
 Where we differ from the reference, on purpose:
 - The random document is drawn uniformly among the *other* documents of the batch, so no draw

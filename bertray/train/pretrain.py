@@ -239,8 +239,8 @@ def _resume_checkpoint(run_url: str) -> ray.train.Checkpoint | None:
     """Ray's registered checkpoint, or the newer one the run's `latest` names.
 
     The controller registers a reported checkpoint only when it next polls the workers (every 2 s), so
-    a worker that dies within that window leaves a complete upload Ray never registered (RAY-NOTES
-    1.5) and a retry from `get_checkpoint()` alone would redo those steps. Rank 0 moves `latest` only
+    a worker that dies within that window leaves a complete upload Ray never registered (seen with Ray 2.60:
+    the restart redid the step and left the upload as an orphan) and a retry from `get_checkpoint()` alone would redo those steps. Rank 0 moves `latest` only
     after its upload returned, so the checkpoint it names is whole.
     """
     registered = ray.train.get_checkpoint()

@@ -1,4 +1,4 @@
-"""Tests of bertray/data/masking.py against DESIGN.md section 5 ("Masking").
+"""Tests of bertray/data/masking.py against the reference procedure (Google's create_pretraining_data).
 
 Statistical checks use fixed seeds and 5-sigma binomial bounds computed from the counts.
 """

@@ -1,4 +1,4 @@
-"""Tests of bertray/data/nsp.py against DESIGN.md section 5 (Google's create_pretraining_data).
+"""Tests of bertray/data/nsp.py against Google's create_pretraining_data.
 
 Statistical checks use fixed seeds and 5-sigma binomial bounds computed from the counts.
 """
