@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bertray.config import BertConfig, DataSection, PhaseConfig
-from bertray.data.pipeline import TRAINER_COLUMNS, iter_local, stream_spec
+from bertray.data.pipeline import iter_local, stream_spec
 from bertray.data.sources import resolve_corpus
 from bertray.model.heads import BertForPreTraining
 from bertray.train.optim import OPTIMIZERS, make_optimizer, warmup_linear_decay
@@ -68,20 +68,17 @@ def materialize(data: DataSection, tokenizer_json: str, *, seq_len: int, predict
     spec = dataclasses.replace(stream_spec(data, phase, tokenizer_json, seed=seed, generation=0, passes=1000),
                                split=split, preserve_order=True,
                                files_per_read_task=len(files) if split == "heldout" else data.files_per_read_task)
-    rows: dict[str, list[np.ndarray]] = {key: [] for key in TRAINER_COLUMNS}
-    have, batches = 0, []
+    batches: list[Batch] = []
+    pending: dict[str, np.ndarray] | None = None
     for part in iter_local(files, spec):
-        for key in TRAINER_COLUMNS:
-            rows[key].append(part[key])
-        have += len(part["input_ids"])
-        while have >= batch_size and len(batches) < n_batches:
-            joined = {key: np.concatenate(value) for key, value in rows.items()}
-            batches.append({key: torch.from_numpy(value[:batch_size].astype(
-                np.float32 if key == "masked_lm_weights" else np.int64)) for key, value in joined.items()})
-            rows = {key: [value[batch_size:]] for key, value in joined.items()}
-            have -= batch_size
+        pool = part if pending is None else {key: np.concatenate([pending[key], part[key]]) for key in part}
+        full = min(len(pool["input_ids"]) // batch_size, n_batches - len(batches))
+        batches += [{key: torch.from_numpy(value[i * batch_size:(i + 1) * batch_size].astype(
+                        np.float32 if key == "masked_lm_weights" else np.int64)) for key, value in pool.items()}
+                    for i in range(full)]
         if len(batches) == n_batches:
             return batches
+        pending = {key: value[full * batch_size:] for key, value in pool.items()}
     raise ValueError(f"the corpus gives only {len(batches)} batches of {batch_size} ({split} split)")
 
 

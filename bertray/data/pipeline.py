@@ -86,15 +86,20 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
 _HOLDOUT_BUCKETS = 1 << 20
 
 
-def is_held_out(url: str, document_number: int, fraction: float) -> bool:
-    """Whether a document belongs to the held-out split: a hash of (the file's folder and name, its
+def holdout_key(url: str) -> str:
+    """What the held-out choice hashes for a file: its folder and name, so the split does not change
+    with where the corpus lies or how its path is spelled (`../data/x.txt`, `s3://bucket/data/x.txt`;
+    for `s3://bucket/x` the bucket is the folder)."""
+    parts = urlsplit(url)
+    return "/".join(posixpath.normpath(f"{parts.netloc}/{parts.path}").split("/")[-2:])
+
+
+def is_held_out(key: str, document_number: int, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split: a hash of (`holdout_key` of its file, its
     position in the file). The choice is the same in every process, pass and run, needs no index of
-    the corpus, takes documents from every file rather than whole files, and does not change with
-    where the corpus lies or how its path is spelled (`../data/x.txt`, `s3://bucket/data/x.txt`)."""
+    the corpus, and takes documents from every file rather than whole files."""
     if fraction <= 0:
         return False
-    parts = urlsplit(url)
-    key = "/".join(posixpath.normpath(f"{parts.netloc}/{parts.path}").split("/")[-2:])   # s3://bucket/x: the bucket is the folder
     return stable_hash(f"{key}#{document_number}") % _HOLDOUT_BUCKETS < fraction * _HOLDOUT_BUCKETS
 
 
@@ -145,7 +150,7 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
     sources: list[int] = []
     held: tuple[list, list, list] | None = None
     chars = 0
-    urls = {f.index: f.url for f in files}
+    keys = {f.index: holdout_key(f.url) for f in files}
     want_held_out = spec.split == "heldout"
     while streams:
         for index in list(streams):
@@ -157,7 +162,7 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
             if not isinstance(doc, DocumentPiece):
                 source[index] = doc_id
             next_doc[index] += 1
-            if is_held_out(urls[index], next_doc[index] - 1, spec.holdout_fraction) != want_held_out:
+            if is_held_out(keys[index], next_doc[index] - 1, spec.holdout_fraction) != want_held_out:
                 continue
             docs.append(doc)
             ids.append(doc_id)

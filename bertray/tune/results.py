@@ -29,6 +29,7 @@ from bertray.tasks.registry import TASKS, TaskSpec
 
 OK, STOPPED, FAILED = "OK", "STOPPED", "FAILED"
 GRID_KEYS = ("learning_rate", "batch_size", "epochs", "seed")
+POINT_KEYS = GRID_KEYS[:-1]          # a grid point; its seeds are restarts of it
 
 
 @dataclass
@@ -176,13 +177,13 @@ def seed_means(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[float]] = {}
     for r in records:
         if r.status != FAILED and r.score is not None:
-            point = tuple(r.config.get(k) for k in GRID_KEYS if k != "seed")
+            point = tuple(r.config.get(k) for k in POINT_KEYS)
             groups.setdefault((r.row, r.task, point), []).append(r.score)
     out = []
     for (row, task, point), scores in groups.items():
         mean = sum(scores) / len(scores)
         sd = math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) if len(scores) > 1 else 0.0
-        out.append({"row": row, "task": task, **dict(zip([k for k in GRID_KEYS if k != "seed"], point)),
+        out.append({"row": row, "task": task, **dict(zip(POINT_KEYS, point)),
                     "seeds": len(scores), "mean": mean, "sd": sd, "min": min(scores), "max": max(scores)})
     return out
 

@@ -7,11 +7,16 @@ import pytest
 from tokenizers import Tokenizer
 
 from bertray.config import DataSection, PhaseConfig
-from bertray.data.pipeline import PROVENANCE_COLUMNS, TRAINER_COLUMNS, is_held_out, iter_local, stream_spec
+from bertray.data.pipeline import PROVENANCE_COLUMNS, TRAINER_COLUMNS, holdout_key, iter_local, stream_spec
+from bertray.data.pipeline import is_held_out as _is_held_out
 from bertray.data.sources import resolve_corpus
 from bertray.errors import ConfigError
 
 SEQ, P = 64, 10
+
+
+def is_held_out(url, number, fraction):
+    return _is_held_out(holdout_key(url), number, fraction)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,57 @@
-"""The baselines the held-out accuracies are judged against."""
+"""The held-out evaluation set (a separate corpus, or the documents data.holdout_fraction keeps out of
+training) and the baselines the held-out accuracies are judged against."""
+
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
-from bertray.train.pretrain import eval_baselines
+from bertray.config import PretrainConfig, load_config
+from bertray.data.pipeline import holdout_key, is_held_out, iter_local, stream_spec
+from bertray.data.sources import resolve_corpus
+from bertray.errors import ConfigError
+from bertray.train.pretrain import EVAL_SEED, eval_baselines, eval_batches
+
+REPO = Path(__file__).resolve().parents[2]
+WIKI = REPO / "samples" / "corpus" / "wikitext-2"
+
+
+def _config(**overrides) -> PretrainConfig:
+    base = {"train.phases": [{"fraction": 1.0, "max_seq_len": 64, "max_predictions_per_seq": 10, "batch_size": 16}],
+            "train.eval_batches": 2}
+    return load_config(PretrainConfig, REPO / "flows" / "configs" / "embedded.yaml", {**base, **overrides})
+
+
+def test_an_eval_corpus_that_is_also_trained_on_is_refused():
+    cfg = _config(**{"data.corpus": [str(WIKI)], "data.eval_corpus": [str(WIKI / "wiki.valid.raw")]})
+    tokenizer = Tokenizer.from_file(str(WIKI / "vocab-8192" / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="data.eval_corpus: 1 of its files are also training files"):
+        eval_batches(cfg, tokenizer.to_str(), resolve_corpus(cfg.data.corpus))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_held_out_documents_are_the_evaluation_set(ray_cluster):
+    cfg = _config(**{"data.corpus": [str(WIKI / "wiki.valid.raw")], "data.eval_corpus": [],
+                     "data.holdout_fraction": 0.2})
+    tokenizer = Tokenizer.from_file(str(WIKI / "vocab-8192" / "tokenizer.json"))
+    files = resolve_corpus(cfg.data.corpus)
+    batches = eval_batches(cfg, tokenizer.to_str(), files)
+    assert len(batches) == 2 and all(b["input_ids"].shape == (16, 64) for b in batches)
+    assert eval_batches(_config(**{"data.corpus": [str(WIKI / "wiki.valid.raw")], "data.eval_corpus": []}),
+                        tokenizer.to_str(), files) == []
+    # They are the first rows of the held-out split of the corpus (and no row of the training split).
+    spec = dataclasses.replace(stream_spec(cfg.data, cfg.train.phases[0], tokenizer.to_str(), seed=EVAL_SEED,
+                                           generation=0, passes=1), split="heldout", files_per_read_task=1)
+    parts = list(iter_local(files, spec, columns=("input_ids", "doc_id")))
+    held = np.concatenate([p["input_ids"] for p in parts])[:32]
+    np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in batches]), held)
+    numbers = {int(d) & 0xFFFFFFFF for p in parts for d in p["doc_id"]}
+    assert numbers and all(is_held_out(holdout_key(files[0].url), n, 0.2) for n in numbers)
+    train = np.concatenate([p["input_ids"] for p in iter_local(files, dataclasses.replace(spec, split="train"))])
+    assert not {r.tobytes() for r in held} & {r.tobytes() for r in train}
 
 
 def test_most_frequent_masked_token_and_majority_label():
