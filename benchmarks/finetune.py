@@ -44,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from bertray import tokenizer as wordpiece  # noqa: E402
 from bertray.tasks.registry import TASKS  # noqa: E402
 from bertray.train.optim import make_optimizer, warmup_linear_decay  # noqa: E402
+from bertray.train.step import TrainStep, task_loss  # noqa: E402
 from bertray.tune import trainer  # noqa: E402
 from bertray.tune.trainer import TrialConfig  # noqa: E402
 
@@ -76,33 +77,35 @@ def hf_model(checkpoint: str, num_labels: int):
 
 
 def step_speed(checkpoint: str, data: str, *, rounds: int, steps: int, batch_size: int = 32,
-               max_seq_len: int = 64) -> dict:
+               max_seq_len: int = 64, device: torch.device = torch.device("cpu")) -> dict:
     spec = TASKS["sst2"]
     tokenizer = wordpiece.load(checkpoint)
     _, features = trainer.load_split(spec, data, "train", tokenizer, max_seq_len, limit=batch_size * steps * 2,
                                      need_examples=False)
     order = np.random.default_rng(0).permutation(len(features["input_ids"]))
-    batches = [trainer.make_batch(spec, features, order[i * batch_size:(i + 1) * batch_size], torch.device("cpu"))
-               for i in range(steps)]
+    # bertray's batches carry the host-side mask and packing decisions; transformers takes plain tensors.
+    batches = {name: [trainer.make_batch(spec, features, order[i * batch_size:(i + 1) * batch_size],
+                                         device, packing=name == "bertray") for i in range(steps)]
+               for name in ("bertray", "transformers")}
     torch.manual_seed(0)
-    models = {"bertray": trainer.build_model(spec, checkpoint), "transformers": hf_model(checkpoint, 2)}
-    state = {}
-    for name, model in models.items():
+    models = {"bertray": trainer.build_model(spec, checkpoint).to(device),
+              "transformers": hf_model(checkpoint, 2).to(device)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps_by_model = {}
+    for name, model in models.items():     # the trial loop's step (bertray.train.step) for both models
         model.train()
         optimizer = make_optimizer(model, "adamw", lr=5e-5, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6)
-        state[name] = (model, optimizer, warmup_linear_decay(optimizer, warmup_steps=10, total_steps=10_000))
+        steps_by_model[name] = TrainStep(model, optimizer, warmup_linear_decay(optimizer, warmup_steps=10,
+                                                                               total_steps=10_000),
+                                         task_loss, device=device, precision="auto", clip_grad_norm=1.0)
 
     def run(name: str) -> float:
-        model, optimizer, scheduler = state[name]
+        step = steps_by_model[name]
         tick = time.perf_counter()
-        for batch in batches:
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        return len(batches) * batch_size / (time.perf_counter() - tick)
+        for batch in batches[name]:
+            step([batch])
+        sync()
+        return len(batches[name]) * batch_size / (time.perf_counter() - tick)
 
     for name in models:                       # warm-up round (allocator, kernels)
         run(name)
@@ -113,7 +116,7 @@ def step_speed(checkpoint: str, data: str, *, rounds: int, steps: int, batch_siz
     median = {name: statistics.median(v) for name, v in per_round.items()}
     # The rounds alternate, so a round's ratio compares the two under the same machine load.
     paired = statistics.median(a / b for a, b in zip(per_round["bertray"], per_round["transformers"]))
-    mean_len = float(np.mean([b["input_ids"].shape[1] for b in batches]))
+    mean_len = float(np.mean([b["input_ids"].shape[1] for b in batches["bertray"]]))
     return {"examples_per_s": median, "rounds": per_round,
             "ratio_bertray_over_hf": median["bertray"] / median["transformers"],
             "ratio_median_of_rounds": paired,
@@ -148,7 +151,8 @@ def hf_finetune(cfg: TrialConfig) -> dict:
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         tick = time.perf_counter()
         for start in range(0, n, cfg.batch_size):
-            loss = model(**trainer.make_batch(spec, train, order[start:start + cfg.batch_size], device)).loss
+            loss = model(**trainer.make_batch(spec, train, order[start:start + cfg.batch_size], device,
+                                              packing=False)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             optimizer.step()
@@ -161,7 +165,7 @@ def hf_finetune(cfg: TrialConfig) -> dict:
             for start in range(0, len(dev["input_ids"]), cfg.eval_batch_size):
                 batch = trainer.make_batch(spec, dev, np.arange(start, min(len(dev["input_ids"]),
                                                                          start + cfg.eval_batch_size)), device,
-                                           targets=False)
+                                           targets=False, packing=False)
                 logits.append(model(**batch).logits.numpy())
         metrics = trainer.flat_metrics("dev", spec.evaluate(dev_examples, dev, {"logits": np.concatenate(logits)}))
     return {**metrics, "minutes": (time.perf_counter() - started) / 60,
@@ -214,6 +218,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0", help="quality parts: comma-separated seeds (results per seed and mean)")
     parser.add_argument("--no-hf", action="store_true", help="quality parts: skip the transformers runs")
     parser.add_argument("--hf-mrpc", action="store_true", help="also run transformers on the MRPC setting")
+    parser.add_argument("--device", default="cpu", help="speed: cpu or cuda")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "finetune.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
                     "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "load_average_at_start": os.getloadavg()}}
     if "speed" in parts:
-        out["speed"] = step_speed(checkpoint, args.data, rounds=args.rounds, steps=args.steps)
+        out["speed"] = step_speed(checkpoint, args.data, rounds=args.rounds, steps=args.steps,
+                                  device=torch.device(args.device))
         s = out["speed"]
         print(f"step speed (SST-2, batch 32, max len 64, mean batch length {s['mean_batch_length']:.1f}): "
               f"bertray {s['examples_per_s']['bertray']:.1f} ex/s, transformers "

@@ -40,6 +40,7 @@ import torch
 
 from bertray.config import BertConfig
 from bertray.model.heads import BertForPreTraining
+from bertray.train.batches import pretraining_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,12 @@ def build_models(config: BertConfig, device: torch.device, compile_models: bool)
 
 
 def make_step(name: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool):
+    """bertray gets its inputs as its training loop does (`bertray.train.batches`: the mask and the
+    real prediction slots decided on the host, so a full batch runs without a mask and without a
+    host sync); transformers gets the usual tensors."""
+    columns = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
+               "masked_lm_weights", "next_sentence_labels")
+    inputs = pretraining_batch({k: batch[k].cpu() for k in columns}).to(batch["input_ids"].device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     device_type = batch["input_ids"].device.type
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -142,9 +149,7 @@ def make_step(name: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
     def step() -> None:
         with autocast():
             if name == "bertray":
-                loss = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                             batch["masked_lm_positions"], batch["masked_lm_ids"], batch["masked_lm_weights"],
-                             batch["next_sentence_labels"]).loss
+                loss = model(**inputs).loss
             else:
                 loss = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                              attention_mask=batch["attention_mask"], labels=batch["hf_labels"],

@@ -530,8 +530,9 @@ class TrainSection:
     warmup_steps: int | None = doc(None, "linear warmup steps, then linear decay to 0; null: 10% of max_steps "
                                          "(the paper's BERT-base schedule warms up for 10k of 1M steps)")
     clip_grad_norm: float = doc(1.0, "clip gradients to this global norm (0: off)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "autocast dtype on GPU (auto: bf16 where "
-                                                                      "supported); CPU runs in fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "autocast dtype (auto: bf16 on GPUs that have "
+                                                                      "it, fp16 with loss scaling on older GPUs, "
+                                                                      "fp32 on CPU)")
     compile: bool = doc(False, "torch.compile the model")
     log_every: int = doc(10, "steps between metric lines")
     eval_every: int = doc(100, "steps between held-out evaluations (0: only at the end)")

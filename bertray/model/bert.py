@@ -67,6 +67,9 @@ class TokenPacking:
             return None
         return cls(index, batch, seq_len)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TokenPacking":
+        return TokenPacking(self.index.to(device, non_blocking=non_blocking), self.batch, self.seq_len)
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...)."""
         return x.reshape(self.batch * self.seq_len, *x.shape[2:]).index_select(0, self.index)
@@ -339,12 +342,19 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> BertModelOutput:
+                output_hidden_states: bool = False, packing: TokenPacking | bool | None = None) -> BertModelOutput:
         """`input_ids`, `token_type_ids`, `attention_mask`: (B, S); the mask is 1 (or True) for
         real tokens and 0 for padding, in any integer or boolean dtype. A batch that is mostly
-        padding runs packed (`TokenPacking`): its outputs are zero at padding positions."""
+        padding runs packed (`TokenPacking`): its outputs are zero at padding positions.
+
+        `packing`: None finds it here from the mask, which on a GPU waits for the mask (a host
+        sync); training loops compute it on the host beforehand (`bertray.train.batches`) and pass
+        it, or False for no packing."""
         mask = attention_mask_for(attention_mask, input_ids.shape[1], self.config.is_causal)
-        packing = TokenPacking.of(attention_mask)
+        if packing is None:
+            packing = TokenPacking.of(attention_mask)
+        elif packing is False or torch.compiler.is_compiling():
+            packing = None
         x = self.embeddings(input_ids, token_type_ids)                      # (B, S, H)
         if packing is not None:
             x = packing.pack(x)                                              # (T, H)

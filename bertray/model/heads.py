@@ -19,7 +19,7 @@ from torch import nn
 from bertray.config import BertConfig
 from bertray.errors import ConfigError
 from bertray.model import hf_format
-from bertray.model.bert import ACTIVATIONS, BertModel, BertPreTrainedModel
+from bertray.model.bert import ACTIVATIONS, BertModel, BertPreTrainedModel, TokenPacking
 
 
 @dataclass
@@ -32,7 +32,9 @@ class PreTrainingOutput:
     Padding slots get no row, because the head never computes them.
     `nsp_loss` is a zero that keeps the NSP head in the graph when every label is -1 (the
     No-NSP ablation), so that data-parallel training sees every parameter used; it is None when
-    no labels are given. Accuracies are detached scalars; `nsp_accuracy` is None without labels.
+    no labels are given. Accuracies are detached scalars; `nsp_accuracy` is None when no labels are
+    given and 0 when every label is -1 (deciding which would wait for the device): average it
+    weighted by the count of labels >= 0.
     """
 
     loss: torch.Tensor | None
@@ -122,16 +124,21 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, masked_lm_positions: torch.Tensor | None = None,
                 masked_lm_ids: torch.Tensor | None = None, masked_lm_weights: torch.Tensor | None = None,
-                next_sentence_labels: torch.Tensor | None = None) -> PreTrainingOutput:
+                next_sentence_labels: torch.Tensor | None = None, *, masked_lm_index: torch.Tensor | None = None,
+                packing: TokenPacking | bool | None = None) -> PreTrainingOutput:
         """`masked_lm_positions`, `masked_lm_ids`, `masked_lm_weights`: (B, P), the weights 1.0
         for real slots and 0.0 for padding slots. `next_sentence_labels`: (B,), 0 IsNext,
-        1 NotNext, -1 no label."""
-        out = self.bert(input_ids, token_type_ids, attention_mask)
+        1 NotNext, -1 no label.
+
+        `masked_lm_index` (N,): the flat slots b * P + p whose weight is > 0, ascending. Found from
+        the weights when not given, which on a GPU waits for them (a host sync); training loops
+        compute it on the host with the batch (`bertray.train.batches`). `packing`: see `BertModel`."""
+        out = self.bert(input_ids, token_type_ids, attention_mask, packing=packing)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)            # (B, 2)
         mlm_logits = mlm_loss = mlm_accuracy = None
         if masked_lm_positions is not None:
             mlm_logits, mlm_loss, mlm_accuracy = self._masked_lm(
-                out.last_hidden_state, masked_lm_positions, masked_lm_ids, masked_lm_weights)
+                out.last_hidden_state, masked_lm_positions, masked_lm_ids, masked_lm_weights, masked_lm_index)
         nsp_loss = nsp_accuracy = None
         if next_sentence_labels is not None:
             nsp_loss, nsp_accuracy = _next_sentence(nsp_logits, next_sentence_labels)
@@ -141,7 +148,7 @@ class BertForPreTraining(BertPreTrainedModel):
                                  nsp_accuracy=nsp_accuracy, mlm_logits=mlm_logits, nsp_logits=nsp_logits)
 
     def _masked_lm(self, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor | None,
-                   weights: torch.Tensor | None
+                   weights: torch.Tensor | None, real: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Gather the real slots' hidden states, then transform and project only those rows."""
         batch, seq_len, width = hidden.shape
@@ -149,9 +156,10 @@ class BertForPreTraining(BertPreTrainedModel):
         rows = (positions.long() + offsets).reshape(-1)                      # (B*P,) into (B*S)
         labels = labels.reshape(-1).long() if labels is not None else None
         if weights is not None:
-            real = weights.reshape(-1) > 0
-            rows, weights = rows[real], weights.reshape(-1)[real].float()    # (N,)
-            labels = labels[real] if labels is not None else None
+            if real is None:
+                real = (weights.reshape(-1) > 0).nonzero().squeeze(1)
+            rows, weights = rows.index_select(0, real), weights.reshape(-1).index_select(0, real).float()  # (N,)
+            labels = labels.index_select(0, real) if labels is not None else None
         logits = self.cls.predictions(hidden.reshape(batch * seq_len, width).index_select(0, rows))  # (N, V)
         if labels is None:
             return logits, None, None
@@ -174,12 +182,10 @@ def _next_sentence(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Mean cross-entropy over sequences with a label (-1 = none), and accuracy over the same."""
     labels = labels.reshape(-1).long()
     valid = labels >= 0
-    count = valid.sum()
+    count = valid.sum().clamp(min=1)
     ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")     # (B,)
-    loss = (ce * valid).sum() / count.clamp(min=1)
-    if not bool(count):
-        return loss, None
-    accuracy = ((logits.detach().argmax(-1) == labels) & valid).sum() / count
+    loss = (ce * valid).sum() / count
+    accuracy = ((logits.detach().argmax(-1) == labels) & valid).sum() / count   # 0 without labels: weigh by count
     return loss, accuracy
 
 
@@ -199,9 +205,10 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.init_weights(self.classifier)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> TaskOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                packing: TokenPacking | bool | None = None) -> TaskOutput:
         """`labels`: (B,) class ids, or floats when `config.num_labels == 1` (mean squared error)."""
-        pooled = self.bert(input_ids, token_type_ids, attention_mask).pooler_output
+        pooled = self.bert(input_ids, token_type_ids, attention_mask, packing=packing).pooler_output
         logits = self.classifier(self.dropout(pooled))                       # (B, num_labels)
         loss = None
         if labels is not None:
@@ -224,9 +231,10 @@ class BertForTokenClassification(BertPreTrainedModel):
         self.init_weights(self.classifier)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> TaskOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                packing: TokenPacking | bool | None = None) -> TaskOutput:
         """`labels`: (B, S) tag ids, -100 where no prediction is scored (padding, sub-word continuations)."""
-        hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, packing=packing).last_hidden_state
         logits = self.classifier(self.dropout(hidden))                       # (B, S, num_labels)
         loss = None
         if labels is not None:
@@ -250,8 +258,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
-                end_positions: torch.Tensor | None = None) -> SpanOutput:
-        hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
+                end_positions: torch.Tensor | None = None, packing: TokenPacking | bool | None = None) -> SpanOutput:
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, packing=packing).last_hidden_state
         start_logits, end_logits = self.qa_outputs(hidden).unbind(-1)        # 2 x (B, S)
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -275,12 +283,13 @@ class BertForMultipleChoice(BertPreTrainedModel):
         self.init_weights(self.classifier)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> TaskOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                packing: TokenPacking | bool | None = None) -> TaskOutput:
         """Inputs (B, C, S), one sequence per choice; `labels` (B,) the index of the right choice."""
         batch, choices, seq_len = input_ids.shape
         flat = [None if t is None else t.reshape(batch * choices, seq_len)
                 for t in (input_ids, token_type_ids, attention_mask)]
-        pooled = self.bert(*flat).pooler_output                              # (B*C, H)
+        pooled = self.bert(*flat, packing=packing).pooler_output                             # (B*C, H)
         logits = self.classifier(self.dropout(pooled)).view(batch, choices)  # (B, C)
         loss = F.cross_entropy(logits, labels.long()) if labels is not None else None
         return TaskOutput(loss=loss, logits=logits)
@@ -343,10 +352,12 @@ class BertFeatureBasedTagger(BertPreTrainedModel):
         return self
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> TaskOutput:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                packing: TokenPacking | bool | None = None) -> TaskOutput:
         """`labels`: (B, S) tag ids, -100 where no prediction is scored."""
         with torch.no_grad():
-            states = self.bert(input_ids, token_type_ids, attention_mask, output_hidden_states=True).hidden_states
+            states = self.bert(input_ids, token_type_ids, attention_mask, output_hidden_states=True,
+                               packing=packing).hidden_states
         features = self.dropout(torch.cat(states[-self.num_feature_layers:], dim=-1))  # (B, S, 4H)
         seq_len = input_ids.shape[1]
         if attention_mask is None:

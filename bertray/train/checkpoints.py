@@ -2,7 +2,7 @@
 
     config.json, model.safetensors          the model (transformers.BertForPreTraining loads these)
     tokenizer.json, vocab.txt               the WordPiece vocabulary the model was trained with
-    training_state.pt                       optimizer, scheduler, RNG states
+    training_state.pt                       optimizer, scheduler, RNG states, fp16 loss scale
     bertray_state.json                      step, phase, data position, metrics, the run's config
 
 Ray moves these directories to storage (`ray.train.report`) and hands them back on resume
@@ -58,15 +58,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, tokenizer: Any,
-                             optimizer: torch.optim.Optimizer, scheduler: Any, run_state: RunState) -> Path:
-    """Write a complete checkpoint into `directory` (created if needed)."""
+                             optimizer: torch.optim.Optimizer, scheduler: Any, run_state: RunState,
+                             step_state: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint into `directory` (created if needed). `step_state`: the training
+    step's own state (the fp16 loss scale)."""
     from bertray import tokenizer as wordpiece
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     wordpiece.save(tokenizer, directory)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "step": step_state or {}},
                directory / TRAINING_STATE)
     (directory / RUN_STATE).write_text(json.dumps(asdict(run_state), indent=2, sort_keys=True, default=float))
     return directory

@@ -17,7 +17,7 @@ log = logging.getLogger("bertray.train")
 
 # Exported as Ray metrics (dashboard names get Ray's `ray_` prefix: ray_bertray_loss, ...).
 GAUGES = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "learning_rate", "grad_norm",
-          "sequences_per_s", "tokens_per_s", "data_wait_share", "step")
+          "sequences_per_s", "tokens_per_s", "data_wait_share", "skipped_steps", "step")
 
 
 @dataclass
@@ -100,8 +100,8 @@ def format_line(step: int, total: int, metrics: dict[str, Any], prefix: str = "s
     order = [("loss", "loss {:.4f}"), ("mlm_loss", "mlm {:.4f}"), ("mlm_accuracy", "mlm_acc {:.3f}"),
              ("nsp_loss", "nsp {:.4f}"), ("nsp_accuracy", "nsp_acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
              ("grad_norm", "gnorm {:.2f}"), ("sequences_per_s", "{:.1f} seq/s"), ("tokens_per_s", "{:.0f} tok/s"),
-             ("data_wait_share", "data-wait {:.1%}")]
+             ("data_wait_share", "data-wait {:.1%}"), ("skipped_steps", "skipped {:.0f} (fp16 overflow)")]
     for key, fmt in order:
-        if isinstance(metrics.get(key), (int, float)):
+        if isinstance(metrics.get(key), (int, float)) and not (key == "skipped_steps" and not metrics[key]):
             parts.append(fmt.format(metrics[key]))
     return "  ".join(parts)

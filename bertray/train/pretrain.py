@@ -2,14 +2,13 @@
 
 The only module that knows Ray Train. The driver (`run_pretraining`) resolves the corpus, fixes the
 vocabulary, builds one streaming dataset per phase of the schedule and a fixed held-out batch set,
-then starts `TorchTrainer`. Workers (`train_loop_per_worker`) read one config dict, resume from
+then starts `TorchTrainer`. Workers (`train_loop_per_worker`) read one `WorkerPlan`, resume from
 the newest checkpoint of the run when there is one (after a crash or a re-run with the same output
 and name), and run the same number of steps on every rank so DDP never waits on a missing peer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -26,8 +25,8 @@ import ray
 import ray.train
 import torch
 
-from bertray.config import BertConfig, PretrainConfig, from_mapping, to_mapping
-from bertray.data.pipeline import TRAINER_COLUMNS, PipelineCounters, build_dataset, stream_spec
+from bertray.config import BertConfig, PretrainConfig, to_mapping
+from bertray.data.pipeline import PipelineCounters, build_dataset, stream_spec
 from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError
@@ -35,8 +34,10 @@ from bertray.storage import absolute_url, exists, is_local, join_url, write_text
 from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, load_run_state, load_training_state,
                                        resolve_checkpoint, save_training_checkpoint, set_rng_state)
 from bertray.train.curves import BASELINES, HISTORY, write_run_curves
+from bertray.train.batches import HostBatch, pretraining_batch
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
 from bertray.train.optim import make_optimizer, warmup_linear_decay
+from bertray.train.step import DeviceMeter, TrainStep, autocast, pretraining_loss
 
 log = logging.getLogger("bertray.train")
 
@@ -48,67 +49,67 @@ FAULT_MARKER = ".fault_injected"
 # Worker side
 
 
-def _autocast(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+@dataclass
+class WorkerPlan:
+    """What every worker is given by the driver: fixed before the first step, the same on every rank."""
 
-
-def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    out = {k: batch[k].to(device, non_blocking=True) for k in TRAINER_COLUMNS}
-    for key in ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",
-                "next_sentence_labels"):
-        out[key] = out[key].long()
-    out["masked_lm_weights"] = out["masked_lm_weights"].float()
-    return out
+    config: PretrainConfig
+    bert_config: dict[str, Any]
+    tokenizer_json: str
+    run_url: str
+    eval_batches: list[dict[str, np.ndarray]]
+    baselines: dict[str, float]          # eval_mlm_baseline, eval_nsp_majority (see `eval_baselines`)
+    init_from: str | None
+    tensorboard_dir: str | None
 
 
 def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], device: torch.device,
              precision: str) -> dict[str, float]:
     """Held-out MLM/NSP loss and accuracy on fixed batches (same masks every time)."""
     model.eval()
-    meter = IntervalMeter()
-    with torch.no_grad(), _autocast(device, precision):
+    meter = DeviceMeter()
+    with torch.no_grad(), autocast(device, precision):
         for batch in batches:
-            out = model(**_model_inputs({k: torch.from_numpy(v) for k, v in batch.items()}, device))
-            meter.add(loss=out.loss.item(), mlm_loss=out.mlm_loss.item(), mlm_accuracy=_item(out.mlm_accuracy),
-                      nsp_loss=_item(out.nsp_loss), nsp_accuracy=_item(out.nsp_accuracy))
+            _, metrics = pretraining_loss(model, pretraining_batch(batch).to(device))
+            for name, (value, weight) in metrics.items():
+                meter.add(name, value, weight)
     model.train()
-    summary = meter.summary()
-    return {f"eval_{k}": v for k, v in summary.items() if k in meter_keys()}
+    return {f"eval_{k}": v for k, v in meter.read().items()}
 
 
-def meter_keys() -> tuple[str, ...]:
-    return ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")
-
-
-def _item(value: Any) -> float | None:
-    if value is None:
-        return None
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def _batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[HostBatch]:
     """Batches mixed across NSP buffers: each buffer holds a few documents' instances, so without the
-    local shuffle consecutive steps would train on the same few sources (and NSP swings with them)."""
+    local shuffle consecutive steps would train on the same few sources (and NSP swings with them).
+    They stay on the host (pinned for a GPU) until `HostBatch.to`: see `bertray.train.batches`."""
     shuffle = dict(local_shuffle_buffer_size=max(shuffle_buffer, batch_size), local_shuffle_seed=seed) \
         if shuffle_buffer else {}
-    return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4, **shuffle))
+    rows = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4, device="cpu",
+                                    pin_memory=device.type == "cuda", **shuffle)
+    return (pretraining_batch(batch) for batch in rows)
+
+
+def _build_model(plan: WorkerPlan, checkpoint: ray.train.Checkpoint | None):
+    """The model and, when resuming, the saved run and training state."""
+    from bertray.model.heads import BertForPreTraining
+
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return (BertForPreTraining.from_pretrained(directory), load_run_state(directory),
+                    load_training_state(directory))
+    if plan.init_from:
+        return BertForPreTraining.from_pretrained(plan.init_from), None, None
+    return BertForPreTraining(BertConfig.from_dict(plan.bert_config)), None, None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """One Ray Train worker. Reads only `loop_config`; every rank runs the same number of steps."""
+    """One Ray Train worker: Ray glue around `TrainStep` (shards, reports, checkpoints). Every rank
+    runs the same number of steps."""
     from tokenizers import Tokenizer
-
-    from bertray.model.heads import BertForPreTraining
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per report is enough
-    cfg = from_mapping(PretrainConfig, loop_config["config"])
-    tcfg = cfg.train
+    plan: WorkerPlan = loop_config["plan"]
+    cfg, tcfg = plan.config, plan.config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -116,43 +117,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         os.sched_setaffinity(0, cfg.scaling.cpu_affinity)
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
-    run_url = loop_config["run_url"]
-    tokenizer = Tokenizer.from_str(loop_config["tokenizer_json"])
+    tokenizer = Tokenizer.from_str(plan.tokenizer_json)
 
-    state = RunState(config=loop_config["config"])
-    checkpoint = _resume_checkpoint(run_url)
-    resumed, history = None, []
+    state = RunState(config=to_mapping(cfg))
+    checkpoint = _resume_checkpoint(plan.run_url)
     torch.manual_seed(tcfg.seed)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            model = BertForPreTraining.from_pretrained(directory)
-            saved = load_run_state(directory)
-            resumed = load_training_state(directory)
-        state.step, state.sequences_seen = saved.step, saved.sequences_seen
-        history = saved.history
+    model, saved, resumed = _build_model(plan, checkpoint)
+    history = []
+    if saved is not None:
+        state.step, state.sequences_seen, history = saved.step, saved.sequences_seen, saved.history
         log.info("[rank %d] resuming at step %d from %s", rank, state.step, checkpoint.path)
-    elif loop_config["init_from"]:
-        model = BertForPreTraining.from_pretrained(loop_config["init_from"])
-    else:
-        model = BertForPreTraining(BertConfig.from_dict(loop_config["bert_config"]))
     model.to(device)
     optimizer = make_optimizer(model, tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps)
     scheduler = warmup_linear_decay(optimizer, warmup_steps=tcfg.warmup, total_steps=tcfg.max_steps)
+    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else None
+    step = TrainStep(model, optimizer, scheduler, pretraining_loss, device=device, precision=tcfg.precision,
+                     clip_grad_norm=tcfg.clip_grad_norm, ddp_model=ddp_model, compile=tcfg.compile)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        step.load_state_dict(resumed.get("step", {}))
         set_rng_state(resumed["rng"])
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model
-    train_model = torch.compile(ddp_model) if tcfg.compile else ddp_model
+    if rank == 0:
+        log.info("precision %s on %s%s", step.precision, device, ", torch.compile" if tcfg.compile else "")
 
     start_step = state.step
-    sinks = MetricSinks(cfg.run.name, rank, loop_config["tensorboard_dir"])
-    eval_batches = loop_config["eval_batches"]
+    sinks = MetricSinks(cfg.run.name, rank, plan.tensorboard_dir)
     meter = IntervalMeter()
     last: dict[str, Any] = {}
-    phase_steps = tcfg.phase_steps()
-    boundaries = np.cumsum(phase_steps).tolist()
+    boundaries = np.cumsum(tcfg.phase_steps()).tolist()
+    exhausted = False
     for phase_index, phase in enumerate(tcfg.phases):
         phase_end = boundaries[phase_index]
         if state.step >= phase_end:
@@ -161,72 +156,62 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         micro = tcfg.micro_batch_size or per_worker
         accumulation = per_worker // micro
         batches = _batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro, cfg.data.shuffle_buffer,
-                           seed=tcfg.seed * 1000 + rank)
+                           seed=tcfg.seed * 1000 + rank, device=device)
         if rank == 0:
             log.info("phase %d: steps %d-%d, sequence %d, P %d, global batch %d (%d workers x %d x %d accumulation)",
                      phase_index, state.step + 1, phase_end, phase.max_seq_len, phase.max_predictions_per_seq,
                      phase.batch_size, world, micro, accumulation)
         meter.reset()
         while state.step < phase_end:
-            exhausted = False
-            for micro_index in range(accumulation):
+            micro_batches = []
+            for _ in range(accumulation):
                 waited = time.perf_counter()
                 batch = next(batches, None)
                 waited = time.perf_counter() - waited
                 if batch is None:
-                    exhausted = True
                     break
-                inputs = _model_inputs(batch, device)
-                sync = micro_index == accumulation - 1 or world == 1
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), _autocast(device, tcfg.precision):
-                    out = train_model(**inputs)
-                    (out.loss / accumulation).backward()
-                meter.add_batch(micro, int(inputs["attention_mask"].sum()), waited)
-                meter.add(loss=out.loss.item(), mlm_loss=out.mlm_loss.item(), mlm_accuracy=_item(out.mlm_accuracy),
-                          nsp_loss=_item(out.nsp_loss), nsp_accuracy=_item(out.nsp_accuracy))
-            if exhausted:
+                meter.add_batch(batch.sequences, batch.tokens, waited)
+                micro_batches.append(batch.to(device))
+            if len(micro_batches) < accumulation:
+                exhausted = True
                 log.warning("[rank %d] the corpus stream ended at step %d (train.corpus_passes=%d); "
                             "phase %d stops early", rank, state.step, tcfg.corpus_passes, phase_index)
-                optimizer.zero_grad(set_to_none=True)
                 break
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad_norm)
-                         if tcfg.clip_grad_norm > 0 else None)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(micro_batches)
             state.step += 1
             state.sequences_seen += phase.batch_size
-            meter.add(grad_norm=_item(grad_norm), learning_rate=scheduler.get_last_lr()[0])
-            _maybe_inject_fault(tcfg.fail_at_step, state.step, rank, run_url)
+            meter.add(learning_rate=scheduler.get_last_lr()[0])
+            _maybe_inject_fault(tcfg.fail_at_step, state.step, rank, plan.run_url)
 
             final = state.step == tcfg.max_steps or state.step == phase_end
             metrics: dict[str, Any] = {}
             if state.step % tcfg.log_every == 0 or final:
-                metrics = {**meter.summary(world), "step": state.step, "phase": phase_index}
-            if eval_batches and rank == 0 and (final or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
-                metrics.update(evaluate(model, eval_batches, device, tcfg.precision))
+                metrics = {**step.meter.read(), **meter.summary(world), "step": state.step, "phase": phase_index}
+            if plan.eval_batches and rank == 0 and (final or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
+                metrics.update(evaluate(model, plan.eval_batches, device, tcfg.precision))
             if metrics:
-                if rank == 0:
-                    log.info(format_line(state.step, tcfg.max_steps, metrics))
-                    if any(k.startswith("eval_") for k in metrics):
-                        log.info(format_line(state.step, tcfg.max_steps,
-                                             {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")},
-                                             prefix="eval"))
-                sinks.emit(state.step, metrics)
+                _log_metrics(metrics, state.step, tcfg.max_steps, rank, sinks)
                 last.update(metrics)
                 history.append({"step": state.step, **{k: v for k, v in metrics.items() if k != "step"}})
-            save = final or state.step % tcfg.checkpoint_every == 0 or state.step in tcfg.save_at_steps
-            if save:
+            if final or state.step % tcfg.checkpoint_every == 0 or state.step in tcfg.save_at_steps:
                 state.history = history
-                _report_checkpoint(model, tokenizer, optimizer, scheduler, state, {**last, "step": state.step},
-                                   rank, run_url, keep=state.step in tcfg.save_at_steps,
-                                   baselines=loop_config["baselines"])
+                _report_checkpoint(model, tokenizer, optimizer, scheduler, step, state, {**last, "step": state.step},
+                                   rank, plan.run_url, keep=state.step in tcfg.save_at_steps, baselines=plan.baselines)
             elif metrics:
                 ray.train.report({**last, "step": state.step})
         if exhausted:
             break
     sinks.close()
     return {**last, "step": state.step, "start_step": start_step, "sequences_seen": state.sequences_seen}
+
+
+def _log_metrics(metrics: dict[str, Any], step: int, total: int, rank: int, sinks: MetricSinks) -> None:
+    if rank == 0:
+        log.info(format_line(step, total, metrics))
+        evaluation = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}
+        if evaluation:
+            log.info(format_line(step, total, evaluation, prefix="eval"))
+    sinks.emit(step, metrics)
 
 
 def _checkpoint_step(url: str) -> int:
@@ -269,7 +254,7 @@ def _maybe_inject_fault(fail_at_step: int | None, step: int, rank: int, run_url:
     os._exit(1)
 
 
-def _report_checkpoint(model, tokenizer, optimizer, scheduler, state: RunState, metrics: dict[str, Any],
+def _report_checkpoint(model, tokenizer, optimizer, scheduler, step: TrainStep, state: RunState, metrics: dict[str, Any],
                        rank: int, run_url: str, keep: bool, baselines: dict[str, float]) -> None:
     """Every rank reports (report is a barrier); rank 0 attaches the checkpoint, moves `latest` and
     redraws the run's learning curves (history.json is every logged interval: Ray keeps only the
@@ -281,7 +266,7 @@ def _report_checkpoint(model, tokenizer, optimizer, scheduler, state: RunState, 
         return
     with tempfile.TemporaryDirectory(prefix="bertray-ckpt-") as directory:
         save_training_checkpoint(directory, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, run_state=state)
+                                 scheduler=scheduler, run_state=state, step_state=step.state_dict())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=name)
         if keep:
@@ -420,12 +405,10 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
 
     storage_path, storage_fs = storage_for(cfg.run.output)
     tensorboard_dir = _tensorboard_dir(cfg, run_url) if cfg.run.tensorboard else None
-    loop_config = {
-        "config": to_mapping(cfg), "bert_config": bert_config.to_dict(), "tokenizer_json": tokenizer_json,
-        "run_url": run_url, "eval_batches": evaluation, "baselines": baselines,
-        "init_from": resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
-        "tensorboard_dir": tensorboard_dir,
-    }
+    plan = WorkerPlan(config=cfg, bert_config=bert_config.to_dict(), tokenizer_json=tokenizer_json, run_url=run_url,
+                      eval_batches=evaluation, baselines=baselines,
+                      init_from=resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
+                      tensorboard_dir=tensorboard_dir)
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})})
@@ -433,7 +416,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
         name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints))
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"plan": plan}, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
                            dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)))
     result = trainer.fit()

@@ -80,6 +80,9 @@ class FinetuneConfig:
     dropout: float | None = doc(0.1, "dropout everywhere (null: keep the checkpoint's)")
     adam_eps: float = doc(1e-6, "AdamW epsilon")
     clip_grad_norm: float = doc(1.0, "clip gradients to this global norm (0: off)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "autocast dtype (auto: bf16 on GPUs that "
+                                                                      "have it, fp16 with loss scaling on older "
+                                                                      "GPUs, fp32 on CPU)")
     eval_batch_size: int = doc(128, "batch size for scoring the dev sets")
     scheduler: Literal["none", "asha"] = doc("none", "none: every trial runs all its epochs; asha: stop weak "
                                                      "trials early (on `score`, after each epoch; compared per "
@@ -129,7 +132,7 @@ class FinetuneConfig:
 
     def _trial_settings(self) -> dict[str, Any]:
         keys = ("max_seq_len", "max_train_examples", "max_eval_examples", "warmup_proportion", "weight_decay",
-                "dropout", "adam_eps", "clip_grad_norm", "eval_batch_size", "predictions")
+                "dropout", "adam_eps", "clip_grad_norm", "precision", "eval_batch_size", "predictions")
         return {k: getattr(self, k) for k in keys}
 
     def grid(self, spec: TaskSpec) -> list[dict[str, Any]]:

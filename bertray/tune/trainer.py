@@ -24,7 +24,6 @@ downloaded once per machine.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -47,6 +46,9 @@ import torch
 from bertray.config import BertConfig, check
 from bertray.errors import CheckpointError, TaskDataError
 from bertray.tasks.registry import TASKS, TaskSpec
+from bertray.train.batches import HostBatch, attention_inputs
+from bertray.train.optim import make_optimizer, warmup_linear_decay
+from bertray.train.step import PRECISIONS, TrainStep, autocast, task_loss
 
 log = logging.getLogger("bertray.tune")
 
@@ -83,6 +85,7 @@ class TrialConfig:
     dropout: float | None = 0.1          # None: keep the checkpoint's dropout
     adam_eps: float = 1e-6
     clip_grad_norm: float = 1.0
+    precision: str = "auto"              # see bertray.train.step.resolve_precision
     eval_batch_size: int = 128
     threads: int = 0                     # torch intra-op threads on CPU (0: leave torch's default)
     cache_dir: str | None = None         # feature and checkpoint cache (local); None: a temp folder
@@ -104,6 +107,7 @@ class TrialConfig:
         check(self.dropout is None or 0 <= self.dropout < 1, "dropout",
               f"must be in [0, 1) or null, got {self.dropout}")
         check(self.eval_batch_size > 0, "eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+        check(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def spec(self) -> TaskSpec:
@@ -296,12 +300,17 @@ def target_keys(spec: TaskSpec) -> tuple[str, ...]:
 
 
 def make_batch(spec: TaskSpec, features: Mapping[str, np.ndarray], index: np.ndarray, device: torch.device,
-               *, targets: bool = True) -> dict[str, torch.Tensor]:
-    """Model inputs for the rows `index`, cut to the longest real sequence among them."""
+               *, targets: bool = True, packing: bool = True) -> dict[str, Any]:
+    """Model inputs for the rows `index`, cut to the longest real sequence among them. With
+    `packing`, the attention mask and token packing are decided on the host (`attention_inputs`:
+    no device sync in the forward pass); without, the batch is plain tensors any BERT takes."""
     mask = features["attention_mask"][index]
     length = max(1, int(mask.reshape(-1, mask.shape[-1]).sum(-1).max()))
-    batch = {k: torch.from_numpy(np.ascontiguousarray(features[k][index][..., :length])).long()
-             for k in _SEQUENCE_KEYS}
+    batch: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(features[k][index][..., :length])).long()
+                             for k in _SEQUENCE_KEYS}
+    if packing:
+        attention, _ = attention_inputs(batch.pop("attention_mask"))
+        batch.update({k: v for k, v in attention.items() if v is not None})
     if targets:
         for key in target_keys(spec):
             value = features[key][index]
@@ -309,18 +318,12 @@ def make_batch(spec: TaskSpec, features: Mapping[str, np.ndarray], index: np.nda
                 value = value[..., :length]
             tensor = torch.from_numpy(np.ascontiguousarray(value))
             batch[key] = tensor.float() if spec.family == "regression" else tensor.long()
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return HostBatch(batch, len(index), 0).to(device)
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, spec: TaskSpec, features: Mapping[str, np.ndarray], *,
-            batch_size: int = 128, device: torch.device | None = None) -> dict[str, np.ndarray]:
+            batch_size: int = 128, device: torch.device | None = None, precision: str = "auto") -> dict[str, np.ndarray]:
     """Model outputs over all features, in feature order, padded back to the features' length:
     `{"logits": ...}` or, for span tasks, `{"start_logits", "end_logits"}` (what `spec.evaluate` takes)."""
     device = device or next(model.parameters()).device
@@ -330,7 +333,7 @@ def predict(model: torch.nn.Module, spec: TaskSpec, features: Mapping[str, np.nd
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, batch_size):
         batch = make_batch(spec, features, np.arange(start, min(n, start + batch_size)), device, targets=False)
-        with _autocast(device):
+        with autocast(device, precision):
             out = model(**batch)
         pieces = ({"start_logits": out.start_logits, "end_logits": out.end_logits} if spec.family == "span"
                   else {"logits": out.logits})
@@ -393,47 +396,38 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
 
     torch.manual_seed(cfg.seed)
     model = build_model(spec, checkpoint, random_init=cfg.random_init, dropout=cfg.dropout).to(device)
-    from bertray.train.optim import make_optimizer, warmup_linear_decay
-
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(model, "adamw", lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                betas=(0.9, 0.999), eps=cfg.adam_eps)
     scheduler = warmup_linear_decay(optimizer, warmup_steps=int(cfg.warmup_proportion * total_steps),
                                     total_steps=total_steps)
-    log.info("%s: %d training features, %d steps (%d epochs x %d), lr %g, batch %d, seed %d, %s%s",
+    step = TrainStep(model, optimizer, scheduler, task_loss, device=device, precision=cfg.precision,
+                     clip_grad_norm=cfg.clip_grad_norm)
+    log.info("%s: %d training features, %d steps (%d epochs x %d), lr %g, batch %d, seed %d, %s, %s%s",
              spec.name, n_train, total_steps, cfg.epochs, steps_per_epoch, cfg.learning_rate, cfg.batch_size,
-             cfg.seed, checkpoint, " (random init)" if cfg.random_init else "")
+             cfg.seed, step.precision, checkpoint, " (random init)" if cfg.random_init else "")
 
     history: list[dict[str, Any]] = []
-    step, seen, train_time = 0, 0, 0.0
+    seen, train_time = 0, 0.0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
-        losses = []
         tick = time.perf_counter()
         for start in range(0, n_train, cfg.batch_size):
             batch = make_batch(spec, train, order[start:start + cfg.batch_size], device)
-            with _autocast(device):
-                loss = model(**batch).loss
-            loss.backward()
-            if cfg.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-            step += 1
+            step([batch])
             seen += len(batch["input_ids"])
         train_time += time.perf_counter() - tick
-        train_loss = float(torch.stack(losses).float().mean())
+        train_loss = step.meter.read()["loss"]
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{spec.name}: training loss is {train_loss} in epoch {epoch}; "
                                      f"lower the learning rate ({cfg.learning_rate:g})")
-        metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": train_loss}
+        metrics: dict[str, Any] = {"epoch": epoch, "step": step.steps, "train_loss": train_loss}
         outputs, taus = {}, {}
         for s in eval_sets:
-            outputs[s.split] = predict(model, spec, s.features, batch_size=cfg.eval_batch_size, device=device)
+            outputs[s.split] = predict(model, spec, s.features, batch_size=cfg.eval_batch_size, device=device,
+                                       precision=cfg.precision)
             if s.labelled:
                 scores = spec.evaluate(s.examples, s.features, outputs[s.split])
                 metrics.update(flat_metrics(s.split, scores))

@@ -64,6 +64,39 @@ def test_lamb_on_a_zero_tensor_falls_back_to_the_plain_update():
                                reference(w0, grads, bias_correction=True, trust_ratio=False), rtol=1e-10)
 
 
+def test_lamb_follows_nvidias_recipe_over_parameter_groups():
+    """apex FusedLAMB's defaults, written out in NumPy over several steps and tensors: bias-corrected
+    Adam direction plus decoupled decay; the trust ratio only where the group decays, so biases and
+    LayerNorm weights take the plain Adam step (a bias that starts at zero moves)."""
+    rng = np.random.default_rng(4)
+    shapes = {"dense.weight": (4, 3), "embedding.weight": (5, 4), "dense.bias": (4,), "LayerNorm.weight": (4,)}
+    start = {name: rng.normal(size=shape) for name, shape in shapes.items()}
+    start["dense.bias"][:] = 0.0
+    no_decay = {"dense.bias", "LayerNorm.weight"}
+    params = {name: nn.Parameter(torch.tensor(w, dtype=torch.float64)) for name, w in start.items()}
+    opt = Lamb([{"params": [params[n] for n in shapes if n not in no_decay], "weight_decay": DECAY},
+                {"params": [params[n] for n in shapes if n in no_decay], "weight_decay": 0.0}],
+               lr=LR, betas=BETAS, eps=EPS)
+    steps = [{name: rng.normal(size=shape) for name, shape in shapes.items()} for _ in range(6)]
+    for grads in steps:
+        for name, p in params.items():
+            p.grad = torch.tensor(grads[name])
+        opt.step()
+    for name in shapes:
+        w, m, v = start[name].copy(), 0.0, 0.0
+        decay = 0.0 if name in no_decay else DECAY
+        for t, grads in enumerate(steps, start=1):
+            g = grads[name]
+            m = BETAS[0] * m + (1 - BETAS[0]) * g
+            v = BETAS[1] * v + (1 - BETAS[1]) * g * g
+            update = (m / (1 - BETAS[0] ** t)) / (np.sqrt(v / (1 - BETAS[1] ** t)) + EPS) + decay * w
+            w_norm, u_norm = np.linalg.norm(w), np.linalg.norm(update)
+            ratio = w_norm / u_norm if decay and w_norm > 0 and u_norm > 0 else 1.0
+            w = w - LR * ratio * update
+        np.testing.assert_allclose(params[name].detach().numpy(), w, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert np.abs(params["dense.bias"].detach().numpy()).min() > 0
+
+
 @pytest.mark.parametrize("name", ["adamw", "bert_adam", "lamb"])
 def test_resumed_optimizer_continues_exactly(name):
     """State dict after k steps, loaded into a fresh optimizer, gives the uninterrupted run's weights."""

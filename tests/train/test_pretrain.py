@@ -1,9 +1,7 @@
 """Pretraining on a real local Ray cluster: the embedded default, 2 workers, resume, fault
 tolerance, object storage, metrics sinks. Small models and step counts; real corpus and Ray."""
 
-import dataclasses
 import json
-import os
 import uuid
 from pathlib import Path
 
