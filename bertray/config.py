@@ -535,6 +535,11 @@ class TrainSection:
                                                                       "fp32 on CPU)")
     compile: bool = doc(False, "torch.compile the model")
     log_every: int = doc(10, "steps between metric lines")
+    batch_wait_warn_s: float = doc(120.0, "a worker waiting this long for its next batch logs what the cluster "
+                                          "is doing (free resources, pending tasks and actors); the first batch "
+                                          "gets 3x as long")
+    batch_wait_fail_s: float = doc(900.0, "... and this long fails the run with that diagnosis, so run.max_failures "
+                                          "and the checkpoint take over (0: never fail, only warn)")
     eval_every: int = doc(100, "steps between held-out evaluations (0: only at the end)")
     eval_batches: int = doc(8, "held-out batches per evaluation (fixed masks, fixed seed)")
     checkpoint_every: int = doc(100, "steps between checkpoints (always one at the end)")
@@ -554,6 +559,8 @@ class TrainSection:
         for key in ("log_every", "checkpoint_every", "eval_batches", "keep_checkpoints", "corpus_passes"):
             check(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
         check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
+        check(self.batch_wait_warn_s > 0, "train.batch_wait_warn_s", f"must be > 0, got {self.batch_wait_warn_s}")
+        check(self.batch_wait_fail_s >= 0, "train.batch_wait_fail_s", f"must be >= 0, got {self.batch_wait_fail_s}")
 
     @property
     def warmup(self) -> int:
@@ -574,6 +581,9 @@ class ScalingSection:
                                 "more than reserved helps when the data stages leave CPUs idle")
     cpu_affinity: tuple[int, ...] = doc((), "CPU ids each Train worker process is pinned to (Linux); empty: no "
                                              "pinning. Gives a trainer its own cores beside data stages")
+    resource_check: Literal["fail", "warn", "skip"] = doc(
+        "fail", "before starting, place the Train workers and the data stages' minimum on the cluster's nodes: "
+                "fail (stop with what is short; a warning where an autoscaler may add nodes), warn, or skip")
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")

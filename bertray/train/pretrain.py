@@ -37,6 +37,8 @@ from bertray.train.curves import BASELINES, HISTORY, write_run_curves
 from bertray.train.batches import HostBatch, pretraining_batch
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
 from bertray.train.optim import make_optimizer, warmup_linear_decay
+from bertray.train.resources import ResourceShortage, check_resources
+from bertray.train.stall import BatchWatchdog, cluster_diagnosis
 from bertray.train.step import DeviceMeter, TrainStep, autocast, pretraining_loss
 
 log = logging.getLogger("bertray.train")
@@ -86,6 +88,13 @@ def _batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device
     rows = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4, device="cpu",
                                     pin_memory=device.type == "cuda", **shuffle)
     return (pretraining_batch(batch) for batch in rows)
+
+
+def _watched(batches: Iterator[HostBatch], tcfg) -> BatchWatchdog[HostBatch]:
+    """The batches through the stall watchdog (`bertray.train.stall`), which also moves the host-side
+    preparation off the training thread."""
+    return BatchWatchdog(batches, warn_after_s=tcfg.batch_wait_warn_s, fail_after_s=tcfg.batch_wait_fail_s,
+                         describe=cluster_diagnosis)
 
 
 def _build_model(plan: WorkerPlan, checkpoint: ray.train.Checkpoint | None):
@@ -155,8 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         per_worker = phase.batch_size // world
         micro = tcfg.micro_batch_size or per_worker
         accumulation = per_worker // micro
-        batches = _batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro, cfg.data.shuffle_buffer,
-                           seed=tcfg.seed * 1000 + rank, device=device)
+        batches = _watched(_batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro,
+                                    cfg.data.shuffle_buffer, seed=tcfg.seed * 1000 + rank, device=device), tcfg)
         if rank == 0:
             log.info("phase %d: steps %d-%d, sequence %d, P %d, global batch %d (%d workers x %d x %d accumulation)",
                      phase_index, state.step + 1, phase_end, phase.max_seq_len, phase.max_predictions_per_seq,
@@ -165,12 +174,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         while state.step < phase_end:
             micro_batches = []
             for _ in range(accumulation):
-                waited = time.perf_counter()
                 batch = next(batches, None)
-                waited = time.perf_counter() - waited
                 if batch is None:
                     break
-                meter.add_batch(batch.sequences, batch.tokens, waited)
+                meter.add_batch(batch.sequences, batch.tokens, batches.waited_s)
                 micro_batches.append(batch.to(device))
             if len(micro_batches) < accumulation:
                 exhausted = True
@@ -368,6 +375,44 @@ def _phase_dataset(files, data, phase, tokenizer_json: str, seed: int, passes: i
     return build_dataset(files, spec, counters_actor=counters)
 
 
+def check_cluster(cfg: PretrainConfig) -> None:
+    """`check_resources` against the live nodes, as `scaling.resource_check` says; a warning only
+    where an autoscaler may still add nodes."""
+    if cfg.scaling.resource_check == "skip":
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    try:
+        check_resources(cfg, nodes)
+    except ResourceShortage as exc:
+        if cfg.scaling.resource_check == "warn" or _has_autoscaler():
+            log.warning("%s\nStarting anyway (scaling.resource_check: %s%s); the batch-wait watchdog reports a "
+                        "pipeline that does not start.", exc, cfg.scaling.resource_check,
+                        ", an autoscaler may add nodes" if _has_autoscaler() else "")
+            return
+        raise
+
+
+def _has_autoscaler() -> bool:
+    """Whether nodes may still be added: a `ray up` head (the launcher leaves its bootstrap config in
+    the home directory), a KubeRay pod, or a monitor whose report maps nodes to named node types.
+    A local Ray's monitor reports too, but maps each node to its own id (`node_<id>`)."""
+    if os.path.exists(os.path.expanduser("~/ray_bootstrap_config.yaml")) or os.environ.get("RAY_CLUSTER_NAME"):
+        return True
+    try:
+        import ast
+
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
+        report = status.get("autoscaler_report") or {}
+        report = ast.literal_eval(report) if isinstance(report, str) else report
+        types = (report.get("node_type_mapping") or {}).values()
+        return any(not str(t).startswith("node_") for t in types) or bool(report.get("pending_launches"))
+    except Exception:   # private API: when it moves, assume a fixed cluster (the safe side: fail early)
+        return False
+
+
 def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
                     prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> PretrainResult:
     """Run (or resume) pretraining as configured; returns the final metrics and checkpoint URL.
@@ -383,6 +428,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     context.execution_options.preserve_order = cfg.data.preserve_order   # Train splits with this one
 
     started = time.perf_counter()
+    check_cluster(cfg)
     run_url = join_url(absolute_url(cfg.run.output), cfg.run.name)
     files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
     log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
