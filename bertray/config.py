@@ -453,6 +453,11 @@ class DataSection:
     read_cpus: float = doc(0.25, "CPUs per read task (fractional: leaves room for Train workers)")
     tokenizer_cpus: float = doc(1.0, "CPUs per tokenizer actor (it tokenizes, pairs and masks)")
     tokenizer_actors: int = doc(0, "tokenizer actors (0: autoscale with the cluster)")
+    max_file_bytes: int = doc(64 << 30, "bytes one text or JSONL file may hold after decompression; past it the "
+                                        "rest of the file is skipped, named and counted (oversized_files): a "
+                                        "decompression bomb or a runaway shard cannot fill a node")
+    max_unreadable_share: float = doc(0.05, "share of file reads that may fail (unreadable, vanished, over "
+                                            "max_file_bytes) before the run ends with an error instead of success")
     storage_options: dict[str, Any] = doc({}, "fsspec options for the corpus filesystem (never credentials: "
                                               "those come from the environment or the instance role)")
 
@@ -463,9 +468,11 @@ class DataSection:
         check(0 <= self.holdout_fraction <= 0.5, "data.holdout_fraction",
               f"must be in [0, 0.5], got {self.holdout_fraction}")
         check(self.vocab_size >= 100, "data.vocab_size", f"must be >= 100, got {self.vocab_size}")
-        for key in ("docs_per_batch", "files_per_read_task", "buffer_chars"):
+        for key in ("docs_per_batch", "files_per_read_task", "buffer_chars", "max_file_bytes"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
         check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        check(0 <= self.max_unreadable_share <= 1, "data.max_unreadable_share",
+              f"must be in [0, 1], got {self.max_unreadable_share}")
         for key in ("read_cpus", "tokenizer_cpus"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
         self.corpus_layout()

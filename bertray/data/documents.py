@@ -330,7 +330,10 @@ _ABBREVIATIONS = frozenset("""
     sen rep pres supt insp vs etc al cf ca approx dept est fig figs no nos vol vols pp ed eds
     inc ltd co corp bros jan feb mar apr jun jul aug sep sept oct nov dec mt ft
 """.split())
-_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]\u00bb]*\s+")
+# Linear in the text: a match may only start where a run of punctuation starts (the lookbehind), and
+# the possessive runs never give characters back. The plain `[.!?]+...\s+` retried every position of
+# a run, so a line of n dots cost n^2 steps (20,000 dots: 4.4 s).
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"'\u201d\u2019)\]\u00bb]*+\s+")
 _OPENING = "\"'\u201c\u2018([\u00ab"      # quotes and brackets that may open a sentence
 
 

@@ -67,6 +67,7 @@ class StreamSpec:
     tokenizer_cpus: float = 1.0
     tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    max_file_bytes: int | None = None  # see DataSection.max_file_bytes
 
 
 def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, *, seed: int, generation: int,
@@ -80,7 +81,7 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
         buffer_chars=data.buffer_chars, preserve_order=data.preserve_order,
         files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
         tokenizer_actors=data.tokenizer_actors, storage_options=data.storage_options,
-        holdout_fraction=data.holdout_fraction)
+        holdout_fraction=data.holdout_fraction, max_file_bytes=data.max_file_bytes)
 
 
 _HOLDOUT_BUCKETS = 1 << 20
@@ -142,7 +143,8 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
     documents at the end joins it instead of forming a pool too small for random-next B's."""
     counters = CorpusCounters()
     streams = {f.index: read_documents(f, spec.layout, counters, fmt=spec.corpus_format,
-                                       storage_options=spec.storage_options) for f in files}
+                                       storage_options=spec.storage_options, max_bytes=spec.max_file_bytes)
+               for f in files}
     next_doc = {index: 0 for index in streams}
     source = {index: -1 for index in streams}
     docs: list[list[str]] = []

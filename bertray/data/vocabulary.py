@@ -24,7 +24,8 @@ def corpus_sentences(data: DataSection, files: Sequence[CorpusFile], limit: int)
     """The corpus's sentences in file order, streamed, at most `limit` of them."""
     layout, counters, count = data.corpus_layout(), CorpusCounters(), 0
     for file in files:
-        for doc in read_documents(file, layout, counters, fmt=data.format, storage_options=data.storage_options):
+        for doc in read_documents(file, layout, counters, fmt=data.format, storage_options=data.storage_options,
+                                  max_bytes=data.max_file_bytes):
             for sentence in doc:
                 yield sentence
                 count += 1

@@ -29,7 +29,7 @@ from bertray.config import BertConfig, PretrainConfig, to_mapping
 from bertray.data.pipeline import PipelineCounters, build_dataset, stream_spec
 from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
-from bertray.errors import ConfigError
+from bertray.errors import ConfigError, CorpusError
 from bertray.storage import absolute_url, exists, is_local, join_url, write_text
 from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, load_run_state, load_training_state,
                                        resolve_checkpoint, save_training_checkpoint, set_rng_state)
@@ -375,6 +375,21 @@ def _phase_dataset(files, data, phase, tokenizer_json: str, seed: int, passes: i
     return build_dataset(files, spec, counters_actor=counters)
 
 
+def check_stream(cfg: PretrainConfig, metrics: dict[str, Any], pipeline: dict[str, int]) -> None:
+    """A run that trained on nothing, or lost more files than `data.max_unreadable_share`, is an error
+    (exit code 2 from the flow), not a success: the checkpoints it wrote are kept, the logs name each file."""
+    lost = sum(pipeline.get(k, 0) for k in ("unreadable_files", "missing_files", "oversized_files"))
+    counts = ", ".join(f"{k}={v:,}" for k, v in sorted(pipeline.items()) if v and k.endswith(("_files", "_rows")))
+    if not metrics.get("step"):
+        raise CorpusError(f"the run ended at step 0: the corpus stream gave no batch ({counts or 'no file read'}); "
+                          "the driver and read-task logs name each file that failed")
+    read = pipeline.get("files", 0)          # every attempt, failed ones included
+    if read and lost / read > cfg.data.max_unreadable_share:
+        raise CorpusError(f"{lost} of {read} file reads failed ({counts}), more than data.max_unreadable_share "
+                          f"({cfg.data.max_unreadable_share:.0%}); the training itself finished and its checkpoints "
+                          "are kept; the logs name each file")
+
+
 def check_cluster(cfg: PretrainConfig) -> None:
     """`check_resources` against the live nodes, as `scaling.resource_check` says; a warning only
     where an autoscaler may still add nodes."""
@@ -472,8 +487,10 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
         write_text(join_url(run_url, LATEST), name + "\n")
         checkpoint_url = join_url(run_url, name)
     metrics = dict(result.return_value or result.metrics or {})
+    pipeline = ray.get(counters.get.remote())
+    check_stream(cfg, metrics, pipeline)
     return PretrainResult(metrics=metrics, reported=dict(result.metrics or {}), checkpoint=checkpoint_url,
-                          counters=ray.get(counters.get.remote()), elapsed_s=time.perf_counter() - started,
+                          counters=pipeline, elapsed_s=time.perf_counter() - started,
                           baselines=baselines)
 
 

@@ -416,3 +416,19 @@ def test_documented_flow_commands_are_valid():
             overrides = module.overrides_from(args)
             default = "finetune-paper.yaml" if "data" in overrides else "finetune-embedded.yaml"
             load_config(args.config or str(REPO / "flows" / "configs" / default), overrides)
+
+
+def test_examples_never_train_on_their_evaluation_text():
+    """Every `--corpus` in the cluster configs and the docs is a prefix that holds no held-out or
+    evaluation text (caught: `--corpus s3://BUCKET/corpus/` listed `corpus/heldout/` recursively)."""
+    import re
+
+    files = [REPO / "ray_cluster.yaml", REPO / "docs" / "operations.md", REPO / "README.md",
+             *sorted((REPO / "clusters").rglob("*.yaml")), *sorted((REPO / "clusters").rglob("*.md"))]
+    text = {f: f.read_text() for f in files}
+    corpora = {m for t in text.values() for m in re.findall(r"--corpus\s+'?([a-z0-9]+://[^\s'\\]+)", t)}
+    held_out = {m for t in text.values() for m in re.findall(r"([a-z0-9]+://[^\s'\]\\]*heldout[^\s'\]\\]*)", t)}
+    assert corpora and held_out
+    for corpus in corpora:
+        prefix = corpus.rstrip("*")
+        assert not any(h.startswith(prefix) for h in held_out), (corpus, held_out)

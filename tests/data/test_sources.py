@@ -87,7 +87,7 @@ def test_an_overlong_jsonl_row_is_skipped_whole_and_named(tmp_path, caplog, monk
     malformed rows that shift the numbers of the rows after it."""
     from bertray.data import sources
 
-    monkeypatch.setattr(sources, "MAX_JSONL_ROW_CHARS", 200)
+    monkeypatch.setattr(sources, "MAX_ROW_CHARS", 200)
     long_row = json.dumps({"text": "Word " * 100 + "end."})                      # 500+ characters
     rows = [json.dumps({"text": "Alpha one. Alpha two."}), long_row, "{not json",
             json.dumps({"text": "Beta one. Beta two."}), long_row]                 # the last has no newline
