@@ -159,6 +159,18 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def check_no_credentials(key: str, urls: str | tuple[str, ...] | None) -> None:
+    """A URL with user:password would be printed, logged, shipped to every task and saved in every
+    checkpoint with the run's config: refused, with the URL shown redacted."""
+    from bertray.storage import has_credentials, redact_url
+
+    for url in (urls,) if isinstance(urls, str) else (urls or ()):
+        check(not has_credentials(url), key,
+              f"{redact_url(url)}: credentials in a URL are refused (they would land in logs, configs and "
+              "checkpoints); give them through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+              "GOOGLE_APPLICATION_CREDENTIALS) or an instance role / service account")
+
+
 # --------------------------------------------------------------------------------------------
 # Model configuration
 
@@ -404,6 +416,7 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         self.bert_config(30522, is_causal=False)  # validates preset and overrides at the edge
+        check_no_credentials("model.init_from", self.init_from)
 
 
 @dataclass(frozen=True)
@@ -463,6 +476,15 @@ class DataSection:
 
     def __post_init__(self) -> None:
         check(len(self.corpus) > 0, "data.corpus", "give at least one URL")
+        for key in ("corpus", "eval_corpus", "tokenizer"):
+            check_no_credentials(f"data.{key}", getattr(self, key))
+        from bertray.storage import credential_keys
+
+        secrets = credential_keys(dict(self.storage_options))
+        check(not secrets, "data.storage_options", f"{', '.join(secrets)}: credentials are refused here (the options "
+              "are shipped to every read task and saved with the run's config in every checkpoint); give them through "
+              "the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or an "
+              "instance role / service account")
         check(0 <= self.short_seq_prob <= 1, "data.short_seq_prob", f"must be in [0, 1], got {self.short_seq_prob}")
         check(0 < self.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
         check(0 <= self.holdout_fraction <= 0.5, "data.holdout_fraction",
@@ -609,6 +631,7 @@ class RunSection:
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', got {self.name!r}")
+        check_no_credentials("run.output", self.output)
         check(self.max_failures >= -1, "run.max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
 
 

@@ -3,8 +3,39 @@
 from __future__ import annotations
 
 import os
+import re
 
 import fsspec
+
+# scheme://user:password@host/... or scheme://key@host/...: the part between :// and the first @
+# before any / is userinfo, i.e. a credential.
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]+)@")
+# storage_options keys that hold secrets (s3fs, gcsfs, adlfs, HTTP auth), at any depth.
+CREDENTIAL_KEYS = frozenset({"key", "secret", "token", "password", "passwd", "session_token", "security_token",
+                             "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key",
+                             "sas_token", "connection_string", "client_secret", "credentials", "auth", "headers"})
+
+
+def redact_url(url: str) -> str:
+    """The URL without its user:password part (`s3://***@bucket/x`), fit to print, log or save."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+def has_credentials(url: str) -> bool:
+    return bool(_USERINFO.match(url))
+
+
+def credential_keys(options: object, prefix: str = "") -> list[str]:
+    """Dotted paths of the keys in a (nested) storage_options mapping that hold credentials."""
+    if not isinstance(options, dict):
+        return []
+    found = []
+    for key, value in options.items():
+        path = f"{prefix}{key}"
+        if str(key).lower() in CREDENTIAL_KEYS:
+            found.append(path)
+        found.extend(credential_keys(value, path + "."))
+    return found
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

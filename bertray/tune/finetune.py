@@ -40,7 +40,7 @@ from typing import Any, Literal, Sequence
 
 import fsspec
 
-from bertray.config import check, doc, from_mapping, to_mapping
+from bertray.config import check, check_no_credentials, doc, from_mapping, to_mapping
 from bertray.errors import CheckpointError, ConfigError, TaskDataError
 from bertray.tasks.registry import TaskSpec, resolve_tasks
 from bertray.train.checkpoints import resolve_checkpoint
@@ -103,6 +103,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check(len(self.init_from) > 0, "init_from", "give at least one checkpoint")
+        for key in ("init_from", "data", "output", "cache_dir"):
+            check_no_credentials(key, getattr(self, key))
         check(not self.labels or len(self.labels) == len(self.init_from), "labels",
               f"give one label per init_from entry ({len(self.init_from)}), got {len(self.labels)}")
         resolve_tasks(self.tasks)

@@ -432,3 +432,121 @@ def test_examples_never_train_on_their_evaluation_text():
     for corpus in corpora:
         prefix = corpus.rstrip("*")
         assert not any(h.startswith(prefix) for h in held_out), (corpus, held_out)
+
+
+# --------------------------------------------------------------------------------------------
+# Exposure: nothing listens where it should not
+
+
+def test_kuberay_pods_are_closed_by_a_network_policy():
+    """Caught: the manifests exposed the dashboard on the pod network with no NetworkPolicy."""
+    policies = [d for d in _docs(CLUSTERS / "kuberay" / "networkpolicy.yaml") if d.get("kind") == "NetworkPolicy"]
+    assert len(policies) == 1
+    spec = policies[0]["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "bertray"}
+    assert spec["policyTypes"] == ["Ingress"]
+    for rule in spec["ingress"]:
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer                                   # no address range, 0.0.0.0/0 least of all
+            if "namespaceSelector" in peer:                                # other namespaces: the operator only
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+                assert [p["port"] for p in rule["ports"]] == [8265]
+            else:
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "bertray"}
+    for path, doc in _ray_objects():                                      # the policy selects every Ray pod
+        for template in _pod_templates(doc):
+            assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "bertray", path
+
+
+def _ray_objects() -> list[tuple[pathlib.Path, dict]]:
+    return [(p, d) for p, d in kuberay_objects() if str(d.get("apiVersion", "")).startswith("ray.io/")]
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    cluster = spec.get("rayClusterSpec", spec)
+    groups = [cluster.get("headGroupSpec", {}), *cluster.get("workerGroupSpecs", [])]
+    return [g["template"] for g in groups if "template" in g]
+
+
+def test_no_client_port_and_no_public_service():
+    """Caught: the head published the Ray client port 10001."""
+    for path, doc in _ray_objects():
+        spec = doc.get("spec", {})
+        cluster = spec.get("rayClusterSpec", spec)
+        if "headGroupSpec" not in cluster:
+            continue
+        assert cluster["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", path
+        for template in _pod_templates(doc):
+            ports = [p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])]
+            assert 10001 not in ports, path
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=_id)
+def test_launcher_heads_serve_the_dashboard_on_loopback(path):
+    config = load(path)
+    head = " ".join(config.get("head_start_ray_commands", []))
+    assert "--dashboard-host=127.0.0.1" in head, path
+    assert "0.0.0.0" not in head and "--ray-client-server-port" not in head, path
+
+
+def test_monitoring_as_the_docs_start_it_listens_on_loopback_without_anonymous_access():
+    """Caught: Grafana as the docs started it let anonymous viewers in on all interfaces, and
+    Prometheus was started with its lifecycle (shutdown) API."""
+    docs = (CLUSTERS / "README.md").read_text() + (REPO / "docs" / "operations.md").read_text()
+    grafana = [line for line in docs.splitlines() if "grafana-server" in line]
+    prometheus = [line for line in docs.splitlines() if re.search(r"`prometheus ", line)]
+    assert grafana and prometheus
+    for line in grafana:
+        assert "GF_SERVER_HTTP_ADDR=127.0.0.1" in line and "GF_AUTH_ANONYMOUS_ENABLED=false" in line, line
+    for line in prometheus:
+        assert "--web.listen-address=127.0.0.1:" in line and "web.enable-lifecycle" not in line, line
+    assert "launch-prometheus" not in docs                     # its Prometheus has the lifecycle API on
+
+
+# --------------------------------------------------------------------------------------------
+# Versions: every node runs what was tested
+
+
+def _requirement(name: str) -> str:
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(d for d in deps if re.match(rf"{name}(\[|[<>=~!])", d))
+
+
+def test_ray_is_bounded_to_the_tested_release_and_pyarrow_to_what_ray_needs():
+    """Caught: `ray>=2.60` with no upper bound although the pipeline uses 2.60 internals, and
+    `pyarrow>=15`, below the pyarrow>=17 that ray[data] 2.60 requires."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    ray_req = Requirement(_requirement("ray"))
+    assert Version(importlib.metadata.version("ray")) in ray_req.specifier
+    assert not ray_req.specifier.contains("2.61.0") and not ray_req.specifier.contains("3.0.0")
+    ours = Requirement(_requirement("pyarrow")).specifier
+    needed = [Requirement(r) for r in importlib.metadata.requires("ray") if r.startswith("pyarrow")]
+    floor = max(Version(s.version) for r in needed for s in r.specifier if s.operator == ">=")
+    assert not ours.contains(str(Version(f"{floor.major - 1}.0.0"))) and ours.contains(str(floor))
+
+
+def test_every_node_installs_from_the_constraints_file():
+    """Caught: nodes installed at boot without a lock, so a node added later could get other versions."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (CLUSTERS / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            assert [s.operator for s in req.specifier] == ["=="], line
+            pins[req.name.lower()] = next(iter(req.specifier)).version
+    assert Requirement(_requirement("ray")).specifier.contains(pins["ray"])
+    for path in LAUNCHER_FILES:
+        installs = [c for c in load(path)["setup_commands"] if "pip install" in c and "bertray" in c]
+        assert installs and all("-c \"$HOME/bertray/clusters/constraints.txt\"" in c for c in installs), path
+        assert all("zstd" in c for c in installs), path          # the docs recommend .zst shards
+    docker = (CLUSTERS / "kuberay" / "Dockerfile").read_text()
+    assert "-c clusters/constraints.txt" in docker and "zstd" in docker
