@@ -206,6 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                    rank, plan.run_url, keep=state.step in tcfg.save_at_steps, baselines=plan.baselines)
             elif metrics:
                 ray.train.report({**last, "step": state.step})
+        batches.close()
         if exhausted:
             break
     sinks.close()

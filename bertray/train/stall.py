@@ -41,16 +41,37 @@ class BatchWatchdog(Generic[T]):
         self.first = True
         self.waited_s = 0.0                 # the last wait, for data-wait accounting
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pull, args=(source,), name="bertray-batches", daemon=True)
         self._thread.start()
 
     def _pull(self, source: Iterator[T]) -> None:
         try:
             for item in source:
-                self._queue.put((item, None))
-            self._queue.put((_END, None))
+                if not self._put((item, None)):
+                    break
+            else:
+                self._put((_END, None))
         except BaseException as exc:            # handed to the training thread, raised there
-            self._queue.put((_END, exc))
+            self._put((_END, exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:               # a generator: its `finally` blocks release the stream
+                close()
+
+    def _put(self, entry: tuple) -> bool:
+        """Queue `entry` unless `close()` was called; False when it was."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """Stop pulling (a phase ended before its stream): the thread ends and the source is closed."""
+        self._stop.set()
 
     def __iter__(self) -> "BatchWatchdog[T]":
         return self

@@ -125,6 +125,25 @@ def test_a_slow_but_moving_source_passes_and_errors_and_the_end_come_through():
     assert list(BatchWatchdog(iter([1, 2]), warn_after_s=1, fail_after_s=1, describe=lambda: "x")) == [1, 2]
 
 
+def test_closing_stops_the_thread_and_closes_the_source():
+    """A phase that ends before its stream: the puller stops and the source's cleanup runs."""
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    watchdog = BatchWatchdog(endless(), warn_after_s=1, fail_after_s=2, describe=lambda: "x")
+    assert [next(watchdog) for _ in range(5)] == [0, 1, 2, 3, 4]
+    watchdog.close()
+    assert closed.wait(5) and (watchdog._thread.join(5) or not watchdog._thread.is_alive())
+
+
 def test_fail_limit_zero_only_warns():
     release = threading.Event()
     watchdog = BatchWatchdog(blocking_source(0, release), warn_after_s=0.05, fail_after_s=0, describe=lambda: "x")
