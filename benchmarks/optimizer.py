@@ -52,7 +52,7 @@ from torch import nn
 
 from bertray.config import BertConfig
 from bertray.model.heads import BertForPreTraining
-from bertray.train.optim import Lamb, make_optimizer, parameter_groups
+from bertray.train.optim import Lamb, _DecoupledAdam, make_optimizer, parameter_groups
 
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-3, 0.01, (0.9, 0.999), 1e-6
 
@@ -81,26 +81,16 @@ def _per_tensor_adam_update(p: torch.Tensor, state: dict, group: dict, bias_corr
     return update
 
 
-class _PerTensorDecoupledAdam(torch.optim.Optimizer):
+class _PerTensorDecoupledAdam(_DecoupledAdam):
     """The previous per-tensor loop, kept for comparison: Adam moments + decoupled weight decay,
-    one tensor at a time; subclasses decide how the update is applied."""
+    one tensor at a time; subclasses decide how the update is applied (`apply_one`)."""
 
-    bias_correction = True
-
-    def apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+    def apply_one(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.apply(p, _per_tensor_adam_update(p, self.state[p], group, self.bias_correction), group)
-        return loss
+    def update_group(self, params: list[torch.Tensor], group: dict) -> None:
+        for p in params:
+            self.apply_one(p, _per_tensor_adam_update(p, self.state[p], group, self.bias_correction), group)
 
 
 class PerTensorLamb(_PerTensorDecoupledAdam):
@@ -111,7 +101,7 @@ class PerTensorLamb(_PerTensorDecoupledAdam):
                  eps: float = 1e-6, weight_decay: float = 0.01) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+    def apply_one(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
         w_norm, u_norm = p.norm(), update.norm()
         trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
         p.sub_(update.mul_(trust * group["lr"]))
@@ -127,7 +117,7 @@ class PerTensorBertAdam(_PerTensorDecoupledAdam):
                  eps: float = 1e-6, weight_decay: float = 0.01) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def apply(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+    def apply_one(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> None:
         p.sub_(update, alpha=group["lr"])
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, TypeVar
 
 from bertray.errors import ConfigError
+from bertray.storage import credential_keys, has_credentials, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ def check(condition: bool, key: str, message: str) -> None:
 def check_no_credentials(key: str, urls: str | tuple[str, ...] | None) -> None:
     """A URL with user:password would be printed, logged, shipped to every task and saved in every
     checkpoint with the run's config: refused, with the URL shown redacted."""
-    from bertray.storage import has_credentials, redact_url
-
     for url in (urls,) if isinstance(urls, str) else (urls or ()):
         check(not has_credentials(url), key,
               f"{redact_url(url)}: credentials in a URL are refused (they would land in logs, configs and "
@@ -478,8 +477,6 @@ class DataSection:
         check(len(self.corpus) > 0, "data.corpus", "give at least one URL")
         for key in ("corpus", "eval_corpus", "tokenizer"):
             check_no_credentials(f"data.{key}", getattr(self, key))
-        from bertray.storage import credential_keys
-
         secrets = credential_keys(dict(self.storage_options))
         check(not secrets, "data.storage_options", f"{', '.join(secrets)}: credentials are refused here (the options "
               "are shipped to every read task and saved with the run's config in every checkpoint); give them through "

@@ -32,8 +32,13 @@ class HostBatch:
     tokens: int                  # real (non-padding) tokens
 
     def to(self, device: torch.device) -> dict[str, Any]:
-        return {k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, TokenPacking)) else v
-                for k, v in self.inputs.items()}
+        return to_device(self.inputs, device)
+
+
+def to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Model keyword arguments on `device`: tensors and packings copied `non_blocking`, the rest as is."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, TokenPacking)) else v
+            for k, v in inputs.items()}
 
 
 INDEX_COLUMNS = ("input_ids", "token_type_ids", "masked_lm_positions", "masked_lm_ids")

@@ -99,9 +99,13 @@ class _DecoupledAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for params in _chunks([p for p in group["params"] if p.grad is not None]):
-                self.apply(params, _adam_updates(params, self.state, group, self.bias_correction), group)
+            self.update_group([p for p in group["params"] if p.grad is not None], group)
         return loss
+
+    def update_group(self, params: list[torch.Tensor], group: dict) -> None:
+        """One group's step: the multi-tensor updates, a run of tensors at a time."""
+        for run in _chunks(params):
+            self.apply(run, _adam_updates(run, self.state, group, self.bias_correction), group)
 
 
 class Lamb(_DecoupledAdam):

@@ -72,9 +72,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], devic
     meter = DeviceMeter()
     with torch.no_grad(), autocast(device, precision):
         for batch in batches:
-            _, metrics = pretraining_loss(model, pretraining_batch(batch).to(device))
-            for name, (value, weight) in metrics.items():
-                meter.add(name, value, weight)
+            meter.add_all(pretraining_loss(model, pretraining_batch(batch).to(device))[1])
     model.train()
     return {f"eval_{k}": v for k, v in meter.read().items()}
 

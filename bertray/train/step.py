@@ -67,6 +67,11 @@ class DeviceMeter:
             self.sums[name] = value * weight
             self.weights[name] = weight
 
+    def add_all(self, metrics: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | float]]) -> None:
+        """A loss function's `{name: (value, weight)}`."""
+        for name, (value, weight) in metrics.items():
+            self.add(name, value, weight)
+
     def count(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
         self.totals[name] = self.totals[name] + value if name in self.totals else value
@@ -119,8 +124,7 @@ class TrainStep:
                 with autocast(self.device, self.precision):
                     loss, metrics = self.loss_fn(self.forward_model, inputs)
                 self.scaler.scale(loss / k).backward()
-            for name, (value, weight) in metrics.items():
-                self.meter.add(name, value, weight)
+            self.meter.add_all(metrics)
         self.scaler.unscale_(self.optimizer)          # a no-op unless fp16: clip the true gradients
         max_norm = self.clip_grad_norm if self.clip_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)

@@ -46,7 +46,7 @@ import torch
 from bertray.config import BertConfig, check
 from bertray.errors import CheckpointError, TaskDataError
 from bertray.tasks.registry import TASKS, TaskSpec
-from bertray.train.batches import HostBatch, attention_inputs
+from bertray.train.batches import attention_inputs, to_device
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 from bertray.train.step import PRECISIONS, TrainStep, autocast, task_loss
 
@@ -318,7 +318,7 @@ def make_batch(spec: TaskSpec, features: Mapping[str, np.ndarray], index: np.nda
                 value = value[..., :length]
             tensor = torch.from_numpy(np.ascontiguousarray(value))
             batch[key] = tensor.float() if spec.family == "regression" else tensor.long()
-    return HostBatch(batch, len(index), 0).to(device)
+    return to_device(batch, device)
 
 
 @torch.no_grad()
