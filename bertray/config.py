@@ -572,7 +572,13 @@ class TrainSection:
     keep_checkpoints: int = doc(3, "checkpoints kept (the newest)")
     save_at_steps: tuple[int, ...] = doc((), "extra checkpoints kept at these steps (the paper's steps ablation)")
     corpus_passes: int = doc(1000, "passes over the corpus the stream may make (training stops at max_steps)")
-    fail_at_step: int | None = doc(None, "fault injection for tests: rank 0 crashes once at this step")
+    checkpoint_upload: Literal["async", "sync"] = doc("async", "async: training goes on while a checkpoint uploads "
+                                                                "(`latest` moves once it is complete); sync: wait")
+    fail_at_step: int | tuple[int, ...] | None = doc(None, "fault injection for tests: rank 0 crashes once at each "
+                                                           "of these steps")
+    nan_at_step: int | None = doc(None, "fault injection for tests: the loss becomes NaN at this step")
+    record_instances: bool = doc(False, "for tests and audits: every checkpoint keeps the provenance of the "
+                                        "instances trained since the previous one (trained_instances.npz)")
 
     def __post_init__(self) -> None:
         check(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
@@ -587,6 +593,11 @@ class TrainSection:
         check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
         check(self.batch_wait_warn_s > 0, "train.batch_wait_warn_s", f"must be > 0, got {self.batch_wait_warn_s}")
         check(self.batch_wait_fail_s >= 0, "train.batch_wait_fail_s", f"must be >= 0, got {self.batch_wait_fail_s}")
+
+    @property
+    def fault_steps(self) -> tuple[int, ...]:
+        steps = self.fail_at_step
+        return () if steps is None else (steps,) if isinstance(steps, int) else tuple(steps)
 
     @property
     def warmup(self) -> int:
@@ -625,11 +636,27 @@ class RunSection:
     output: str = doc("runs", "local directory or object-storage URL (s3://bucket/prefix) for checkpoints")
     max_failures: int = doc(2, "worker-group restarts from the latest checkpoint before the run fails")
     tensorboard: bool = doc(True, "write TensorBoard event files under <output>/<name>/tensorboard")
+    allow_config_change: tuple[str, ...] | str = doc((), "model.*/data.* keys a resume may change, comma-separated "
+                                                         "(data.corpus,model.dropout; data: all of data); any other "
+                                                         "change is refused")
+    lease_stale_s: float = doc(600.0, "a run directory's writer lease counts as abandoned after this long without "
+                                      "a heartbeat (a second driver on the same run is refused until then)")
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', got {self.name!r}")
         check_no_credentials("run.output", self.output)
         check(self.max_failures >= -1, "run.max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        check(self.lease_stale_s > 0, "run.lease_stale_s", f"must be > 0, got {self.lease_stale_s}")
+        for key in self.allowed_changes:
+            check(key.split(".")[0] in ("model", "data"), "run.allow_config_change",
+                  f"{key!r}: only model.* and data.* keys (or model, data) can be allowed")
+
+
+    @property
+    def allowed_changes(self) -> tuple[str, ...]:
+        keys = self.allow_config_change.split(",") if isinstance(self.allow_config_change, str) \
+            else self.allow_config_change
+        return tuple(k.strip() for k in keys if k.strip())
 
 
 @dataclass(frozen=True)

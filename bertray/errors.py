@@ -13,6 +13,10 @@ class CheckpointError(BertrayError):
     """A checkpoint directory is missing, incomplete, corrupt or does not fit the model."""
 
 
+class TrainingDiverged(BertrayError):
+    """The loss or the gradient norm became non-finite; the run stops before it saves such a model."""
+
+
 class CorpusError(BertrayError):
     """A pretraining corpus cannot be found, reached or read."""
 

@@ -56,6 +56,13 @@ def decode(tokenizer, row: dict, specials) -> str:
     return " ".join(words).replace(" ##", "##")
 
 
+def _document(files, doc_id: int) -> dict:
+    from bertray.data.pipeline import unpack_doc_id
+
+    file_index, number = unpack_doc_id(doc_id)
+    return {"doc_id": doc_id, "file": files[file_index].url, "document": number}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -66,7 +73,7 @@ def main(argv=None) -> int:
     from bertray.cli import config_from_args, with_repo_paths
     from bertray.config import PretrainConfig
     from bertray.data.documents import CorpusCounters, layout_warning
-    from bertray.data.pipeline import PipelineCounters, build_dataset, stream_spec
+    from bertray.data.pipeline import PipelineCounters, build_dataset, drop_markers, stream_spec, unpack_doc_id
     from bertray.data.sources import resolve_corpus
     from bertray.data.vocabulary import run_tokenizer
     from bertray.errors import BertrayError
@@ -86,16 +93,16 @@ def main(argv=None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     counters = PipelineCounters.remote()
     spec = stream_spec(cfg.data, phase, tokenizer.to_str(), seed=cfg.train.seed, generation=0, passes=1)
-    batch = build_dataset(files, spec, counters_actor=counters, keep_provenance=True).take_batch(
-        args.num, batch_format="numpy")
+    batch = drop_markers(build_dataset(files, spec, counters_actor=counters, keep_provenance=True).take_batch(
+        args.num, batch_format="numpy"))
     specials = wordpiece.special_tokens(tokenizer)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
     nsp_names = {0: "IsNext", 1: "NotNext", -1: "no NSP"}
     for i, row in enumerate(rows):
         doc, bdoc = int(row["doc_id"]), int(row["b_doc_id"])
-        where = f"A = doc {doc >> 32}:{doc & 0xFFFFFFFF} sentences [{row['a_start']}, {row['a_end']})"
+        where = f"A = doc {':'.join(map(str, unpack_doc_id(doc)))} sentences [{row['a_start']}, {row['a_end']})"
         if bdoc >= 0:
-            where += f"   B = doc {bdoc >> 32}:{bdoc & 0xFFFFFFFF} sentences [{row['b_start']}, {row['b_end']})"
+            where += f"   B = doc {':'.join(map(str, unpack_doc_id(bdoc)))} sentences [{row['b_start']}, {row['b_end']})"
         print(f"\n#{i}  {nsp_names[int(row['next_sentence_labels'])]}  {where}")
         print("   " + decode(tokenizer, row, specials))
     totals = ray.get(counters.get.remote())
@@ -111,11 +118,9 @@ def main(argv=None) -> int:
                 "masked_lm_positions": r["masked_lm_positions"][r["masked_lm_weights"] > 0].tolist(),
                 "masked_lm_ids": r["masked_lm_ids"][r["masked_lm_weights"] > 0].tolist(),
                 "next_sentence_label": int(r["next_sentence_labels"]),
-                "a": {"doc_id": int(r["doc_id"]), "file": files[int(r["doc_id"]) >> 32].url,
-                      "document": int(r["doc_id"]) & 0xFFFFFFFF, "sentences": [int(r["a_start"]), int(r["a_end"])]},
+                "a": {**_document(files, int(r["doc_id"])), "sentences": [int(r["a_start"]), int(r["a_end"])]},
                 "b": None if int(r["b_doc_id"]) < 0 else {
-                    "doc_id": int(r["b_doc_id"]), "file": files[int(r["b_doc_id"]) >> 32].url,
-                    "document": int(r["b_doc_id"]) & 0xFFFFFFFF, "sentences": [int(r["b_start"]), int(r["b_end"])]}}
+                    **_document(files, int(r["b_doc_id"])), "sentences": [int(r["b_start"]), int(r["b_end"])]}}
                for r in rows]
         Path(args.json).write_text(json.dumps({"instances": out, "counters": totals}, indent=1,
                                               default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))

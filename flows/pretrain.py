@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
     parser.add_argument("--json", help="write the final summary as JSON to this file")
     parser.add_argument("--progress-bars", action="store_true", help="show Ray Data's per-operator progress bars")
+    parser.add_argument("--data-position", metavar="RUN_DIR",
+                        help="print where the run in RUN_DIR (a local path or URL) stands in its corpus, and exit")
     add_config_options(parser, PretrainConfig)
     return parser
 
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
     from bertray.cli import config_from_args, with_repo_paths
     from bertray.config import PretrainConfig
     from bertray.errors import BertrayError
+
+    if args.data_position:
+        return print_data_position(args.data_position)
 
     try:
         cfg = config_from_args(PretrainConfig, args, {"data.corpus": args.corpus, "run.output": args.output,
@@ -75,6 +80,9 @@ def main(argv=None) -> int:
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ray.train.TrainingFailedError as exc:
+        print(f"error: training failed after run.max_failures={cfg.run.max_failures} restarts: {exc}", file=sys.stderr)
+        return 1
     m = result.metrics
     summary = {
         "steps": m.get("step"), "loss": m.get("loss"), "mlm_accuracy": m.get("mlm_accuracy"),
@@ -91,6 +99,33 @@ def main(argv=None) -> int:
     print("  pipeline          ", ", ".join(f"{k}={v:,}" for k, v in sorted(skipped.items())))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def print_data_position(run_url: str) -> int:
+    """`--data-position`: the newest checkpoint's step and where its stream stands."""
+    from bertray.data.position import DataPosition
+    from bertray.errors import BertrayError
+    from bertray.storage import absolute_url
+    from bertray.train.pretrain import describe_position, latest_run_state
+
+    try:
+        state = latest_run_state(absolute_url(run_url))
+    except BertrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if state is None:
+        print(f"{run_url}: no checkpoint yet")
+        return 0
+    if state.data_position is None:
+        print(f"{run_url}: step {state.step}; its checkpoint has no data position (written by an older bertray)")
+        return 0
+    try:
+        position = DataPosition.from_json(state.data_position)
+    except BertrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{run_url}: step {state.step}, {state.sequences_seen:,} sequences; {describe_position(position)}")
     return 0
 
 

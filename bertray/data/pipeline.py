@@ -4,14 +4,18 @@ The only module that knows Ray Data. Every stage is a pure function from `docume
 and `masking.py`; this file decides where each runs (read tasks, then an actor pool that tokenizes,
 pairs and masks), with how many CPUs, and how randomness is keyed.
 
-Passes over the corpus are part of the dataset itself: read tasks are (pass, group of files), so a
-trainer consumes one long stream and every pass draws new NSP pairs and masks (dynamic masking)
-from a seed derived from (run seed, generation, pass, file, block). `generation` changes when a
-run resumes so the resumed stream is fresh rather than a replay of what was already seen.
+Passes over the corpus are part of the dataset itself: read tasks are units, (pass, group of files),
+so a trainer consumes one long stream and every pass draws new NSP pairs and masks (dynamic
+masking) from a seed derived from (run seed, generation, pass, file, document). Every row carries
+its place in the stream (`bertray.data.position`); a resumed run plans only the units it has not
+finished and drops the items it already trained on, so the stream continues where it stopped.
+`generation` changes only when a run resumes from a checkpoint that has no data position.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from ray.data.datasource import Datasource, ReadTask
 from bertray.data.documents import CorpusCounters, CorpusLayout, DocumentPiece
 from bertray.data.masking import MaskingConfig, causal_lm_targets, mask_tokens
 from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instances
+from bertray.data.position import POSITION_COLUMNS, DataPosition
 from bertray.data.seeding import derive_rng, stable_hash
 from bertray.data.sources import CorpusFile, read_documents
 
@@ -38,8 +43,9 @@ log = logging.getLogger(__name__)
 # Stage tags mixed into seeds so NSP pairing and masking never share a random stream.
 _STAGE_READ, _STAGE_PAIR, _STAGE_MASK = 1, 2, 3
 OBJECTIVES = ("mlm_nsp", "mlm", "ltr")
-TRAINER_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
-                   "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
+INSTANCE_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
+                    "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")   # what the model reads
+TRAINER_COLUMNS = INSTANCE_COLUMNS + POSITION_COLUMNS
 PROVENANCE_COLUMNS = ("doc_id", "b_doc_id", "a_start", "a_end", "b_start", "b_end", "pass_index")
 SPLITS = ("train", "heldout")
 
@@ -68,10 +74,16 @@ class StreamSpec:
     tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     max_file_bytes: int | None = None  # see DataSection.max_file_bytes
+    resume: DataPosition | None = None # where a resumed run stands: finished units are not planned
+
+
+def read_spec(spec: StreamSpec) -> StreamSpec:
+    """What a read task needs: no tokenizer, no resume bitmaps (each task gets its own unit's part)."""
+    return dataclasses.replace(spec, tokenizer_json="", resume=None)
 
 
 def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, *, seed: int, generation: int,
-                passes: int) -> StreamSpec:
+                passes: int, resume: DataPosition | None = None) -> StreamSpec:
     """The stream of one phase of the schedule (its sequence length and P) from the run's config."""
     return StreamSpec(
         layout=data.corpus_layout(), nsp=NSPConfig(max_seq_len=phase.max_seq_len, short_seq_prob=data.short_seq_prob),
@@ -81,7 +93,7 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
         buffer_chars=data.buffer_chars, preserve_order=data.preserve_order,
         files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
         tokenizer_actors=data.tokenizer_actors, storage_options=data.storage_options,
-        holdout_fraction=data.holdout_fraction, max_file_bytes=data.max_file_bytes)
+        holdout_fraction=data.holdout_fraction, max_file_bytes=data.max_file_bytes, resume=resume)
 
 
 _HOLDOUT_BUCKETS = 1 << 20
@@ -122,7 +134,8 @@ class PipelineCounters:
 MIN_BUFFER_DOCS = 8   # a buffer closed by size still offers random-next B's from 7 other documents
 
 
-def _buffer_table(docs: list[list[str]], doc_ids: list[int], sources: list[int], pass_index: int) -> pa.Table:
+def _buffer_table(docs: list[list[str]], doc_ids: list[int], sources: list[int], pass_index: int, unit: int,
+                  buffer: int, last: bool) -> pa.Table:
     """One row holds one whole NSP buffer. Ray Data batches rows by count, so were rows documents,
     a batch of 256 books would be hundreds of times the work of 256 tweets; as buffers, the reader
     decides their size and every actor call is of similar work, whatever the corpus."""
@@ -131,11 +144,14 @@ def _buffer_table(docs: list[list[str]], doc_ids: list[int], sources: list[int],
         "doc_ids": pa.array([doc_ids], type=pa.list_(pa.int64())),
         "sources": pa.array([sources], type=pa.list_(pa.int64())),   # the id of the first piece of a cut document
         "pass_index": pa.array([pass_index], type=pa.int32()),
+        "unit": pa.array([unit], type=pa.int64()),
+        "buffer": pa.array([buffer], type=pa.int32()),
+        "last_buffer": pa.array([last], type=pa.bool_()),
     })
 
 
-def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamSpec,
-                     counters_actor: Any) -> Iterator[pa.Table]:
+def _file_group_buffers(files: Sequence[CorpusFile], spec: StreamSpec,
+                        counters_actor: Any) -> Iterator[tuple[list, list, list]]:
     """Interleave the documents of a few files round-robin, so every buffer mixes documents from
     several files even when each file holds a single document; close a buffer at `docs_per_batch`
     documents or, once it holds `MIN_BUFFER_DOCS`, at `buffer_chars` characters. A closed buffer is
@@ -160,7 +176,7 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
             if doc is None:
                 del streams[index]
                 continue
-            doc_id = (index << 32) | next_doc[index]
+            doc_id = pack_doc_id(index, next_doc[index])
             if not isinstance(doc, DocumentPiece):
                 source[index] = doc_id
             next_doc[index] += 1
@@ -173,16 +189,42 @@ def _read_file_group(files: Sequence[CorpusFile], pass_index: int, spec: StreamS
             if len(docs) >= spec.docs_per_batch or (chars >= spec.buffer_chars and len(docs) >= MIN_BUFFER_DOCS):
                 if held is not None:
                     _send_counters(counters, counters_actor)
-                    yield _buffer_table(*held, pass_index)
+                    yield held
                 held = (docs, ids, sources)
                 docs, ids, sources, chars = [], [], [], 0
     _send_counters(counters, counters_actor)
     if held is not None and len(docs) < MIN_BUFFER_DOCS:
         docs, ids, sources = (a + b for a, b in zip(held, (docs, ids, sources)))
     elif held is not None:
-        yield _buffer_table(*held, pass_index)
+        yield held
     if docs:
-        yield _buffer_table(docs, ids, sources, pass_index)
+        yield docs, ids, sources
+
+
+def _read_unit(files: Sequence[CorpusFile], pass_index: int, unit: int, spec: StreamSpec, counters_actor: Any,
+               skip_buffers: frozenset[int] = frozenset()) -> Iterator[pa.Table]:
+    """A unit's buffers, numbered, the last one flagged (one look-ahead). A unit that yields no
+    document still sends one empty buffer, so the trainer learns that it ended. `skip_buffers`:
+    buffers a resumed run trained on entirely; they are read (the numbering needs them) but not sent."""
+    previous = None
+    number = 0
+    for number, buffer in enumerate(_file_group_buffers(files, spec, counters_actor)):
+        if previous is not None and number - 1 not in skip_buffers:
+            yield _buffer_table(*previous, pass_index, unit, number - 1, False)
+        previous = buffer
+    if previous is None:
+        yield _buffer_table([], [], [], pass_index, unit, 0, True)
+    elif number not in skip_buffers:
+        yield _buffer_table(*previous, pass_index, unit, number, True)
+
+
+def pack_doc_id(file_index: int, document: int) -> int:
+    """A corpus-wide document id: the file's index in the corpus and the document's number in it."""
+    return (file_index << 32) | document
+
+
+def unpack_doc_id(doc_id: int) -> tuple[int, int]:
+    return doc_id >> 32, doc_id & 0xFFFFFFFF
 
 
 def _send_counters(counters: CorpusCounters, counters_actor: Any) -> None:
@@ -196,7 +238,8 @@ def _send_counters(counters: CorpusCounters, counters_actor: Any) -> None:
 
 
 class CorpusDatasource(Datasource):
-    """One read task per (pass, group of files); file groups are shuffled per pass."""
+    """One read task per unit, (pass, group of files); file groups are shuffled per pass. A resumed
+    stream (`spec.resume`) plans only the units it has not finished."""
 
     def __init__(self, files: Sequence[CorpusFile], spec: StreamSpec, counters_actor: Any = None) -> None:
         super().__init__()
@@ -208,21 +251,35 @@ class CorpusDatasource(Datasource):
         sizes = [f.size for f in self._files]
         return None if None in sizes else int(sum(sizes)) * self._spec.passes
 
+    def units(self) -> Iterator[tuple[int, int, list[CorpusFile]]]:
+        """(pass, unit, files) of every unit still to read, in stream order."""
+        spec, group = self._spec, max(1, self._spec.files_per_read_task)
+        per_pass = -(-len(self._files) // group)
+        first = spec.resume.done_below if spec.resume is not None else 0
+        for pass_index in range(first // per_pass if per_pass else 0, spec.passes):
+            order = derive_rng(spec.seed, spec.generation, pass_index, _STAGE_READ).permutation(len(self._files))
+            for number in range(per_pass):
+                unit = pass_index * per_pass + number
+                if spec.resume is not None and spec.resume.unit_done(unit):
+                    continue
+                yield pass_index, unit, [self._files[i] for i in order[number * group:(number + 1) * group]]
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        spec, group = self._spec, max(1, self._spec.files_per_read_task)
+        spec, counters, resume = read_spec(self._spec), self._counters, self._spec.resume
+        # Skipping whole buffers changes which rows a unit sends; with preserve_order the trainer
+        # mixes rows in windows counted from each unit's start, so there every row is sent again.
+        skip_whole_buffers = resume is not None and not spec.preserve_order
         tasks = []
-        for pass_index in range(spec.passes):
-            order = derive_rng(spec.seed, spec.generation, pass_index, _STAGE_READ).permutation(len(self._files))
-            shuffled = [self._files[i] for i in order]
-            for start in range(0, len(shuffled), group):
-                files = shuffled[start:start + group]
-                size = sum(f.size or 0 for f in files) or None
-                meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None,
-                                     input_files=tuple(f.url for f in files))
-                tasks.append(ReadTask(
-                    lambda files=files, p=pass_index: _read_file_group(files, p, spec, self._counters),
-                    meta, per_task_row_limit=per_task_row_limit))
+        for pass_index, unit, files in self.units():
+            skip = frozenset()
+            if skip_whole_buffers and unit in resume.units:
+                skip = frozenset(resume.units[unit].done)
+            size = sum(f.size or 0 for f in files) or None
+            meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None,
+                                 input_files=tuple(f.url for f in files))
+            tasks.append(ReadTask(functools.partial(_read_unit, files, pass_index, unit, spec, counters, skip),
+                                  meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
     def get_name(self) -> str:
@@ -251,25 +308,39 @@ class TokenizePairMask:
         self.specials = wordpiece.special_tokens(self.tokenizer)
         self.is_subword = wordpiece.subword_mask(self.tokenizer) if spec.masking.whole_word else None
         self.counters = counters_actor
+        # Selecting the columns here rather than with `select_columns` matters: that is a task of its
+        # own asking for a whole CPU, which never gets one while the tokenizer actors and the trainer
+        # hold the rest, so no batch would leave before the stream ended.
         self.columns = tuple(columns)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """Each buffer (row) on its own: two rows can be two passes over the same documents."""
-        sp = self.specials
-        parts = [mask_batch(self._pair(docs, np.asarray(ids, dtype=np.int64), sources, pass_index), self.spec,
-                            sp.mask, self.tokenizer.get_vocab_size(), (sp.cls, sp.sep, sp.pad), self.is_subword,
-                            self.counters, self.columns)
-                 for docs, ids, sources, pass_index in zip(batch.column("documents").to_pylist(),
-                                                           batch.column("doc_ids").to_pylist(),
-                                                           batch.column("sources").to_pylist(),
-                                                           batch.column("pass_index").to_pylist())]
+        parts = [self._buffer(*row) for row in zip(*(batch.column(name).to_pylist() for name in (
+            "documents", "doc_ids", "sources", "pass_index", "unit", "buffer", "last_buffer")))]
         return parts[0] if len(parts) == 1 else {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def _buffer(self, docs: list[list[str]], ids: list[int], sources: list[int], pass_index: int, unit: int,
+                buffer: int, last: bool) -> dict[str, np.ndarray]:
+        """A buffer's instances with their place in the stream; one marker row when it made none, so
+        the trainer still sees the buffer (and, for the last one, the unit) end."""
+        sp = self.specials
+        out = mask_batch(self._pair(docs, np.asarray(ids, dtype=np.int64), sources, pass_index), self.spec,
+                         sp.mask, self.tokenizer.get_vocab_size(), (sp.cls, sp.sep, sp.pad), self.is_subword,
+                         self.counters)
+        n = len(out["input_ids"])
+        if n == 0:
+            out = {key: np.zeros((1,) + value.shape[1:], dtype=value.dtype) for key, value in out.items()}
+        rows = max(n, 1)
+        out.update(unit=np.full(rows, unit, dtype=np.int64), buffer=np.full(rows, buffer, dtype=np.int32),
+                   item=np.arange(rows, dtype=np.int32) if n else np.full(1, -1, dtype=np.int32),
+                   buffer_items=np.full(rows, n, dtype=np.int32), last_buffer=np.full(rows, last, dtype=np.int8))
+        return {key: out[key] for key in self.columns}
 
     def _pair(self, docs: list[list[str]], doc_ids: np.ndarray, sources: list[int],
               pass_index: int) -> dict[str, np.ndarray]:
-        token_docs = self.encode(self.tokenizer, docs)
-        rng = derive_rng(self.spec.seed, self.spec.generation, pass_index, int(doc_ids[0] >> 32),
-                         int(doc_ids[0] & 0xFFFFFFFF), _STAGE_PAIR)
+        token_docs = self.encode(self.tokenizer, docs) if docs else []
+        rng = derive_rng(self.spec.seed, self.spec.generation, pass_index,
+                         *unpack_doc_id(int(doc_ids[0]) if len(doc_ids) else 0), _STAGE_PAIR)
         sp = self.specials
         if self.spec.objective == "mlm_nsp":
             out = make_nsp_instances(token_docs, rng, self.spec.nsp, cls_id=sp.cls, sep_id=sp.sep, pad_id=sp.pad,
@@ -299,20 +370,15 @@ def _with_global_ids(out: dict[str, np.ndarray], doc_ids: np.ndarray, pass_index
 
 
 def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, vocab_size: int,
-               special_ids: Sequence[int], is_subword: np.ndarray | None, counters_actor: Any,
-               columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Masks for a batch of instances, drawn as it is produced, so every pass differs.
-
-    `columns` keeps only those in the output. Selecting here rather than with `select_columns`
-    matters: that is a task of its own asking for a whole CPU, which never gets one while the
-    tokenizer actors and the trainer hold the rest, so no batch left before the stream ended."""
+               special_ids: Sequence[int], is_subword: np.ndarray | None, counters_actor: Any) -> dict[str, np.ndarray]:
+    """Masks for a batch of instances, drawn as it is produced, so every pass differs."""
     lengths = batch["lengths"]
     if spec.objective == "ltr":
         targets = causal_lm_targets(batch["input_ids"], lengths)
     else:
         first = int(batch["doc_id"][0]) if len(batch["doc_id"]) else 0
         rng = derive_rng(spec.seed, spec.generation, int(batch["pass_index"][0]) if len(lengths) else 0,
-                         first >> 32, first & 0xFFFFFFFF, _STAGE_MASK)
+                         *unpack_doc_id(first), _STAGE_MASK)
         targets = mask_tokens(batch["input_ids"], lengths, rng, spec.masking, mask_id=mask_id,
                               vocab_size=vocab_size, special_ids=special_ids, is_subword=is_subword)
         counts = targets.pop("counters")
@@ -322,17 +388,25 @@ def mask_batch(batch: dict[str, np.ndarray], spec: StreamSpec, mask_id: int, voc
     out.update(targets)
     seq = batch["input_ids"].shape[1]
     out["attention_mask"] = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int8)
-    return out if columns is None else {key: out[key] for key in columns}
+    return out
 
 
 def iter_local(files: Sequence[CorpusFile], spec: StreamSpec,
-               columns: Sequence[str] = TRAINER_COLUMNS) -> Iterator[dict[str, np.ndarray]]:
+               columns: Sequence[str] = INSTANCE_COLUMNS) -> Iterator[dict[str, np.ndarray]]:
     """The same stages in this process, without Ray, in the order `preserve_order` delivers them:
-    for benchmarks and tests that need the exact instances a run trains on."""
-    stage = TokenizePairMask(spec, None, columns)
+    for benchmarks and tests that need the exact instances a run trains on (marker rows dropped)."""
+    stage = TokenizePairMask(spec, None, tuple(dict.fromkeys((*columns, "buffer_items"))))
     for task in CorpusDatasource(files, spec).get_read_tasks(1):
         for table in task():
-            yield stage(table)
+            rows = drop_markers(stage(table))
+            if len(rows["buffer_items"]):
+                yield {key: rows[key] for key in columns}
+
+
+def drop_markers(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows that are instances: a marker row (`buffer_items == 0`) only says a buffer ended."""
+    real = np.asarray(rows["buffer_items"]) > 0
+    return dict(rows) if real.all() else {key: np.asarray(value)[real] for key, value in rows.items()}
 
 
 def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_actor: Any = None,

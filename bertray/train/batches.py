@@ -11,12 +11,12 @@ the transfer, it costs microseconds. So the loops hand the model its answers:
 - `masked_lm_index`: the real prediction slots, so the MLM head gathers only those.
 
 Copies to the device are `non_blocking`; they are asynchronous when the host tensors are pinned
-(`iter_torch_batches(pin_memory=True)` on CUDA).
+(`pretraining_batch(pin=True)` on CUDA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,6 +30,7 @@ class HostBatch:
     inputs: dict[str, Any]       # model keyword arguments, on the host until `to(device)`
     sequences: int
     tokens: int                  # real (non-padding) tokens
+    rows: dict[str, np.ndarray] = field(default_factory=dict)   # where its rows come from (data position)
 
     def to(self, device: torch.device) -> dict[str, Any]:
         return to_device(self.inputs, device)
@@ -54,10 +55,13 @@ def attention_inputs(mask: torch.Tensor) -> tuple[dict[str, Any], int]:
     return {"attention_mask": mask, "packing": TokenPacking.of(flat) or False}, tokens
 
 
-def pretraining_batch(columns: Mapping[str, np.ndarray | torch.Tensor]) -> HostBatch:
+def pretraining_batch(columns: Mapping[str, np.ndarray | torch.Tensor], pin: bool = False) -> HostBatch:
     """Model inputs of `BertForPreTraining` from the pipeline's columns (kept in their integer
-    dtypes: the model widens them on the device, and int32 halves the bytes copied)."""
+    dtypes: the model widens them on the device, and int32 halves the bytes copied). `pin`: page-
+    locked copies, so that the copies to a GPU are asynchronous."""
     tensors = {k: torch.as_tensor(v) for k, v in columns.items()}
+    if pin:
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
     for key in INDEX_COLUMNS:      # embedding lookups and gathers take int32 or int64, not the narrow ids
         if tensors[key].dtype not in (torch.int32, torch.int64):
             tensors[key] = tensors[key].to(torch.int32)

@@ -9,6 +9,7 @@ and name), and run the same number of steps on every rank so DDP never waits on 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -26,16 +27,21 @@ import ray.train
 import torch
 
 from bertray.config import BertConfig, PretrainConfig, to_mapping
-from bertray.data.pipeline import PipelineCounters, build_dataset, stream_spec
+from bertray.data.pipeline import (INSTANCE_COLUMNS, PROVENANCE_COLUMNS, PipelineCounters, build_dataset, drop_markers,
+                                   stream_spec)
+from bertray.data.position import DataPosition, StreamLayout, merge_all
 from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
-from bertray.errors import ConfigError, CorpusError
+from bertray.errors import ConfigError, CorpusError, TrainingDiverged
 from bertray.storage import absolute_url, exists, is_local, join_url, write_text
-from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, load_run_state, load_training_state,
-                                       resolve_checkpoint, save_training_checkpoint, set_rng_state)
+from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, check_config_change, checkpoint_step,
+                                       load_run_state, load_training_state, resolve_checkpoint,
+                                       save_training_checkpoint, set_rng_state)
+from bertray.train.lease import RunLease
 from bertray.train.curves import BASELINES, HISTORY, write_run_curves
 from bertray.train.batches import HostBatch, pretraining_batch
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
+from bertray.train.rows import mixed_batches
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 from bertray.train.resources import ResourceShortage, check_resources
 from bertray.train.stall import BatchWatchdog, cluster_diagnosis
@@ -63,6 +69,7 @@ class WorkerPlan:
     baselines: dict[str, float]          # eval_mlm_baseline, eval_nsp_majority (see `eval_baselines`)
     init_from: str | None
     tensorboard_dir: str | None
+    corpus_files: int                    # how many files the stream's units are made of (its layout)
 
 
 def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], device: torch.device,
@@ -77,15 +84,17 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], devic
     return {f"eval_{k}": v for k, v in meter.read().items()}
 
 
-def _batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, device: torch.device) -> Iterator[HostBatch]:
-    """Batches mixed across NSP buffers: each buffer holds a few documents' instances, so without the
-    local shuffle consecutive steps would train on the same few sources (and NSP swings with them).
-    They stay on the host (pinned for a GPU) until `HostBatch.to`: see `bertray.train.batches`."""
-    shuffle = dict(local_shuffle_buffer_size=max(shuffle_buffer, batch_size), local_shuffle_seed=seed) \
-        if shuffle_buffer else {}
-    rows = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=4, device="cpu",
-                                    pin_memory=device.type == "cuda", **shuffle)
-    return (pretraining_batch(batch) for batch in rows)
+def _batches(shard: Any, batch_size: int, data: Any, seed: int, device: torch.device,
+             resume: DataPosition | None) -> Iterator[HostBatch]:
+    """Batches mixed across NSP buffers (`bertray.train.rows`): each buffer holds a few documents'
+    instances, so unmixed, consecutive steps would train on the same few sources. They stay on the
+    host (pinned for a GPU) until `HostBatch.to`: see `bertray.train.batches`."""
+    blocks = shard.iter_batches(batch_size=max(batch_size, 256), batch_format="numpy", prefetch_batches=4)
+    for batch in mixed_batches(blocks, batch_size, window=data.shuffle_buffer, seed=seed, resume=resume,
+                               windows_per_unit=data.preserve_order):
+        host = pretraining_batch({k: batch.rows[k] for k in INSTANCE_COLUMNS}, pin=device.type == "cuda")
+        host.rows = {**batch.positions, **{k: batch.rows[k] for k in PROVENANCE_COLUMNS if k in batch.rows}}
+        yield host
 
 
 def _watched(batches: Iterator[HostBatch], tcfg) -> BatchWatchdog[HostBatch]:
@@ -150,20 +159,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         log.info("precision %s on %s%s", step.precision, device, ", torch.compile" if tcfg.compile else "")
 
     start_step = state.step
+    agreement = StepAgreement(world)
+
+    def _checkpoint(at: int) -> None:
+        state.history = history
+        _check_finite(step, at, plan.run_url)
+        records = stream.gather(world)
+        state.data_position = stream.position.to_json()
+        _report_checkpoint(model, tokenizer, optimizer, scheduler, step, state, {**last, "step": at}, rank,
+                           plan.run_url, keep=at in tcfg.save_at_steps, baselines=plan.baselines, records=records,
+                           upload=tcfg.checkpoint_upload)
+
     sinks = MetricSinks(cfg.run.name, rank, plan.tensorboard_dir)
     meter = IntervalMeter()
     last: dict[str, Any] = {}
     boundaries = np.cumsum(tcfg.phase_steps()).tolist()
+    layout, resume = stream_start(cfg, plan.corpus_files, saved)
+    if saved is not None and resume is None and rank == 0:
+        log.warning("checkpoint at step %d has no usable data position (written by an older bertray, or the corpus "
+                    "layout changed): the resumed stream is a new draw (generation %d), so some data may be seen "
+                    "twice and some not at all in this pass", saved.step, layout.generation)
     exhausted = False
     for phase_index, phase in enumerate(tcfg.phases):
         phase_end = boundaries[phase_index]
         if state.step >= phase_end:
             continue
+        phase_resume = resume if resume is not None and resume.phase == phase_index else None
+        stream = StreamTracker(copy.deepcopy(phase_resume) if phase_resume else DataPosition(layout, phase_index),
+                               record=tcfg.record_instances)
         per_worker = phase.batch_size // world
         micro = tcfg.micro_batch_size or per_worker
         accumulation = per_worker // micro
-        batches = _watched(_batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro,
-                                    cfg.data.shuffle_buffer, seed=tcfg.seed * 1000 + rank, device=device), tcfg)
+        batches = _watched(_batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro, cfg.data,
+                                    seed=tcfg.seed, device=device, resume=phase_resume), tcfg)
         if rank == 0:
             log.info("phase %d: steps %d-%d, sequence %d, P %d, global batch %d (%d workers x %d x %d accumulation)",
                      phase_index, state.step + 1, phase_end, phase.max_seq_len, phase.max_predictions_per_seq,
@@ -176,17 +204,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 if batch is None:
                     break
                 meter.add_batch(batch.sequences, batch.tokens, batches.waited_s)
-                micro_batches.append(batch.to(device))
-            if len(micro_batches) < accumulation:
+                micro_batches.append(batch)
+            if not agreement.all_ready(len(micro_batches) == accumulation):
                 exhausted = True
                 log.warning("[rank %d] the corpus stream ended at step %d (train.corpus_passes=%d); "
                             "phase %d stops early", rank, state.step, tcfg.corpus_passes, phase_index)
+                if state.step > start_step and state.step % tcfg.checkpoint_every:
+                    _checkpoint(state.step)
                 break
-            step(micro_batches)
+            if state.step + 1 == tcfg.nan_at_step:
+                step.inject_nan()
+            step([b.to(device) for b in micro_batches])
             state.step += 1
             state.sequences_seen += phase.batch_size
+            stream.trained(micro_batches, state.step)
             meter.add(learning_rate=scheduler.get_last_lr()[0])
-            _maybe_inject_fault(tcfg.fail_at_step, state.step, rank, plan.run_url)
+            _maybe_inject_fault(tcfg.fault_steps, state.step, rank, plan.run_url)
 
             final = state.step == tcfg.max_steps or state.step == phase_end
             metrics: dict[str, Any] = {}
@@ -199,9 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 last.update(metrics)
                 history.append({"step": state.step, **{k: v for k, v in metrics.items() if k != "step"}})
             if final or state.step % tcfg.checkpoint_every == 0 or state.step in tcfg.save_at_steps:
-                state.history = history
-                _report_checkpoint(model, tokenizer, optimizer, scheduler, step, state, {**last, "step": state.step},
-                                   rank, plan.run_url, keep=state.step in tcfg.save_at_steps, baselines=plan.baselines)
+                _checkpoint(state.step)
             elif metrics:
                 ray.train.report({**last, "step": state.step})
         batches.close()
@@ -211,6 +242,110 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return {**last, "step": state.step, "start_step": start_step, "sequences_seen": state.sequences_seen}
 
 
+class StepAgreement:
+    """Whether every worker has a full step of batches. Streams split evenly by rows, but markers and
+    the rows a resume drops are not even across workers, so one worker can run out a batch before
+    the others; they must stop at the same step, or DDP and the checkpoint barrier wait forever. A
+    one-integer all-reduce per step on a CPU (gloo) group: no device synchronisation."""
+
+    def __init__(self, world: int) -> None:
+        self.group = None
+        if world > 1:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")
+
+    def all_ready(self, ready: bool) -> bool:
+        if self.group is None:
+            return ready
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(ready)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+
+def stream_start(cfg: PretrainConfig, corpus_files: int, saved: RunState | None) -> tuple[StreamLayout, DataPosition | None]:
+    """Where a (re)started stream begins, from the run state it resumes: the same generation and the
+    saved position when there is one; a fresh run starts generation 0. A checkpoint without a
+    position (written before positions existed), or one of another corpus layout, cannot say what
+    was read: its stream is a new generation, numbered after its step so that every such restart
+    draws anew. The driver (planning the read) and the workers (filtering rows) both call this."""
+    layout = StreamLayout(files=corpus_files, files_per_unit=cfg.data.files_per_read_task, seed=cfg.train.seed)
+    if saved is None:
+        return layout, None
+    if saved.data_position is not None:
+        position = DataPosition.from_json(saved.data_position)
+        if position.layout.same_units(layout):
+            return position.layout, position
+    return dataclasses.replace(layout, generation=saved.step + 1), None
+
+
+class StreamTracker:
+    """A worker's data position, kept up to date with every trained batch, merged across workers at
+    each checkpoint; with `record`, the provenance of every trained row since the last checkpoint."""
+
+    def __init__(self, position: DataPosition, record: bool) -> None:
+        self.position = position
+        self.record = record
+        self.rows: list[dict[str, np.ndarray]] = []
+
+    def trained(self, batches: list[HostBatch], step: int) -> None:
+        for batch in batches:
+            self.position.mark(batch.rows)
+            if self.record:
+                real = batch.rows["buffer_items"] > 0
+                rows = {k: v[real] for k, v in batch.rows.items() if len(v) == len(real)}
+                rows["step"] = np.full(int(real.sum()), step, dtype=np.int64)
+                rows["digest"] = instance_digests(batch.inputs)
+                self.rows.append(rows)
+
+    def gather(self, world: int) -> dict[str, np.ndarray] | None:
+        """Merge every worker's position into each (a collective: all ranks call it at the same step);
+        the recorded rows of all workers, on rank 0."""
+        records = _concat_rows(self.rows) if self.record else None
+        self.rows = []
+        if world == 1:
+            return records
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (self.position.to_json(), records))
+        merged = merge_all(DataPosition.from_json(p) for p, _ in gathered)
+        self.position = merged
+        return _concat_rows([r for _, r in gathered if r is not None]) if self.record else None
+
+
+def instance_digests(inputs: dict[str, Any]) -> np.ndarray:
+    """A 64-bit digest per sequence of what the model is given (ids, segments, masks, labels): two runs
+    trained on the same batches, bit for bit, iff the digests match in order."""
+    import hashlib
+
+    columns = [inputs[k].numpy() for k in ("input_ids", "token_type_ids", "masked_lm_positions", "masked_lm_ids",
+                                             "masked_lm_weights", "next_sentence_labels")]
+    return np.array([int.from_bytes(hashlib.blake2b(b"".join(c[i].tobytes() for c in columns), digest_size=8)
+                                    .digest(), "little") >> 1 for i in range(len(columns[0]))], dtype=np.int64)
+
+
+def _concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _check_finite(step: TrainStep, at: int, run_url: str) -> None:
+    """Never save a checkpoint of a diverged model: a non-finite loss (or, without fp16 loss scaling,
+    gradient norm) since the last checkpoint stops the run before it writes one."""
+    bad = step.nonfinite_steps()
+    if bad:
+        latest = join_url(run_url, LATEST)
+        newest = resolve_checkpoint(run_url) if exists(latest) else None
+        raise TrainingDiverged(f"{bad} step(s) up to step {at} had a non-finite loss or gradient norm, so no "
+                               f"checkpoint is written at step {at}; the newest finite checkpoint is "
+                               f"{newest or '(none yet)'}. Lower train.lr, raise train.warmup_steps or use "
+                               "train.precision fp32/bf16, then resume from it")
+
+
 def _log_metrics(metrics: dict[str, Any], step: int, total: int, rank: int, sinks: MetricSinks) -> None:
     if rank == 0:
         log.info(format_line(step, total, metrics))
@@ -218,12 +353,6 @@ def _log_metrics(metrics: dict[str, Any], step: int, total: int, rank: int, sink
         if evaluation:
             log.info(format_line(step, total, evaluation, prefix="eval"))
     sinks.emit(step, metrics)
-
-
-def _checkpoint_step(url: str) -> int:
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    digits = name.removeprefix("checkpoint_")
-    return int(digits) if name.startswith("checkpoint_") and digits.isdigit() else -1
 
 
 def _resume_checkpoint(run_url: str) -> ray.train.Checkpoint | None:
@@ -238,7 +367,7 @@ def _resume_checkpoint(run_url: str) -> ray.train.Checkpoint | None:
     if not exists(join_url(run_url, LATEST)):
         return registered
     pointed = resolve_checkpoint(run_url)
-    if registered is not None and _checkpoint_step(registered.path) >= _checkpoint_step(pointed):
+    if registered is not None and checkpoint_step(registered.path) >= checkpoint_step(pointed):
         return registered
     if not exists(join_url(pointed, RUN_STATE)):
         log.warning("%s names %s, which is incomplete; resuming from Ray's registered checkpoint",
@@ -248,42 +377,68 @@ def _resume_checkpoint(run_url: str) -> ray.train.Checkpoint | None:
     return ray.train.Checkpoint(path=path, filesystem=filesystem)
 
 
-def _maybe_inject_fault(fail_at_step: int | None, step: int, rank: int, run_url: str) -> None:
-    """Crash rank 0 once at `fail_at_step` (a marker file in the run directory makes it once)."""
-    if fail_at_step is None or step != fail_at_step or rank != 0:
+def _maybe_inject_fault(steps: tuple[int, ...], step: int, rank: int, run_url: str) -> None:
+    """Crash rank 0 once at each of `steps` (a marker file in the run directory remembers them)."""
+    if step not in steps or rank != 0:
         return
     marker = join_url(run_url, FAULT_MARKER)
+    done = ""
     if exists(marker):
+        fs, path = fsspec.core.url_to_fs(marker)
+        done = fs.cat_file(path).decode()
+    line = f"crashed at step {step}\n"
+    if line in done:
         return
-    write_text(marker, f"crashed at step {step}\n")
+    write_text(marker, done + line)
     log.error("[rank 0] fault injection: crashing at step %d", step)
     os._exit(1)
 
 
+TRAINED_INSTANCES = "trained_instances.npz"
+
+
 def _report_checkpoint(model, tokenizer, optimizer, scheduler, step: TrainStep, state: RunState, metrics: dict[str, Any],
-                       rank: int, run_url: str, keep: bool, baselines: dict[str, float]) -> None:
-    """Every rank reports (report is a barrier); rank 0 attaches the checkpoint, moves `latest` and
-    redraws the run's learning curves (history.json is every logged interval: Ray keeps only the
-    metrics reported with checkpoints)."""
+                       rank: int, run_url: str, keep: bool, baselines: dict[str, float],
+                       records: dict[str, np.ndarray] | None, upload: str) -> None:
+    """Every rank reports (report is a barrier); rank 0 attaches the checkpoint and redraws the run's
+    learning curves (history.json is every logged interval: Ray keeps only the metrics reported with
+    checkpoints). `latest` moves only once the checkpoint is whole in storage: after the upload
+    returned, or, uploading in the background (`upload` "async"), from the upload thread."""
     name = f"checkpoint_{state.step:08d}"
     state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="bertray-ckpt-") as directory:
-        save_training_checkpoint(directory, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                 scheduler=scheduler, run_state=state, step_state=step.state_dict())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=name)
-        if keep:
-            fs, path = fsspec.core.url_to_fs(join_url(run_url, "kept", name))
-            fs.put(directory.rstrip("/") + "/", path, recursive=True)
-    write_text(join_url(run_url, LATEST), name + "\n")
+    directory = tempfile.mkdtemp(prefix="bertray-ckpt-")
+    save_training_checkpoint(directory, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                             scheduler=scheduler, run_state=state, step_state=step.state_dict())
+    if records is not None:
+        np.savez(os.path.join(directory, TRAINED_INSTANCES), **records)
+    if keep:
+        fs, path = fsspec.core.url_to_fs(join_url(run_url, "kept", name))
+        fs.put(directory.rstrip("/") + "/", path, recursive=True)
+    checkpoint = ray.train.Checkpoint.from_directory(directory)
+    if upload == "async":
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_fn=functools.partial(_upload_then_point, run_url))
+    else:
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         delete_local_checkpoint_after_upload=True)
+        write_text(join_url(run_url, LATEST), name + "\n")
     write_text(join_url(run_url, HISTORY), json.dumps(state.history, default=float) + "\n")
     try:
         write_run_curves(run_url, state.history, baselines)
     except Exception as exc:   # a picture must never cost a training run
         log.warning("could not draw %s/curves.png: %s: %s", run_url, type(exc).__name__, exc)
+
+
+def _upload_then_point(run_url: str, checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+    """Ray's own upload of one checkpoint (in Ray's upload thread), then `latest` pointing at it."""
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+    write_text(join_url(run_url, LATEST), name + "\n")
+    return persisted
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,15 +465,17 @@ class PretrainResult:
     baselines: dict[str, float]          # eval_mlm_baseline, eval_nsp_majority (see `eval_baselines`)
 
 
-def _next_generation(run_url: str) -> int:
-    """How many times this run's data stream was started before: 0 for a fresh run."""
-    url = join_url(run_url, "data_generation")
-    generation = 0
-    if exists(url):
-        fs, path = fsspec.core.url_to_fs(url)
-        generation = int(fs.cat_file(path).decode().strip() or 0) + 1
-    write_text(url, f"{generation}\n")
-    return generation
+def latest_run_state(run_url: str) -> RunState | None:
+    """The run state of the checkpoint `latest` names, or None for a run without one."""
+    if not exists(join_url(run_url, LATEST)):
+        return None
+    directory = resolve_checkpoint(run_url)
+    if not exists(join_url(directory, RUN_STATE)):
+        return None
+    fs, path = fsspec.core.url_to_fs(join_url(directory, RUN_STATE))
+    with tempfile.TemporaryDirectory() as local:
+        fs.get_file(path, os.path.join(local, RUN_STATE))
+        return load_run_state(local)
 
 
 EVAL_FILES_PER_TASK = 64   # held-out files interleaved in one read task: the first rows span them all
@@ -346,7 +503,8 @@ def eval_batches(cfg: PretrainConfig, tokenizer_json: str, train_files: list[Cor
         split=split, holdout_fraction=data.holdout_fraction if split == "heldout" else 0.0, preserve_order=True,
         files_per_read_task=min(len(files), EVAL_FILES_PER_TASK))
     size = min(phase.batch_size, 64)
-    rows = build_dataset(files, spec).take_batch(size * cfg.train.eval_batches, batch_format="numpy")
+    rows = drop_markers(build_dataset(files, spec).take_batch(size * cfg.train.eval_batches, batch_format="numpy"))
+    rows = {key: rows[key] for key in INSTANCE_COLUMNS}
     n = len(rows["input_ids"]) // size
     if n == 0:
         raise ConfigError(f"{source} gives fewer than {size} held-out sequences")
@@ -367,11 +525,24 @@ def eval_baselines(batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
-def _phase_dataset(files, data, phase, tokenizer_json: str, seed: int, passes: int, run_url: str, counters):
-    """Built by Ray Train at every worker-group start: a restarted group (after a crash) gets a new
-    `generation`, so it draws fresh pairs and masks instead of replaying the stream from its start."""
-    spec = stream_spec(data, phase, tokenizer_json, seed=seed, generation=_next_generation(run_url), passes=passes)
-    return build_dataset(files, spec, counters_actor=counters)
+def _phase_dataset(files, cfg: PretrainConfig, phase_index: int, tokenizer_json: str, run_url: str, counters):
+    """Built by Ray Train at every worker-group start, so a restarted group (after a crash) plans
+    its stream from the newest checkpoint's data position: finished units are left out, and the
+    workers drop the rows they already trained on (`stream_start`)."""
+    layout, position = stream_start(cfg, len(files), latest_run_state(run_url))
+    resume = position if position is not None and position.phase == phase_index else None
+    if resume is not None:
+        log.info("phase %d resumes its stream at %s", phase_index, describe_position(resume))
+    spec = stream_spec(cfg.data, cfg.train.phases[phase_index], tokenizer_json, seed=cfg.train.seed,
+                       generation=layout.generation, passes=cfg.train.corpus_passes, resume=resume)
+    return build_dataset(files, spec, counters_actor=counters, keep_provenance=cfg.train.record_instances)
+
+
+def describe_position(position: DataPosition) -> str:
+    s = position.summary()
+    return (f"phase {s['phase']}, pass {s['pass']}: {s['pass_share_done']:.1%} of the pass read "
+            f"({s['units_done']} units done in all, {s['units_per_pass']} per pass, {s['units_in_flight']} in flight; "
+            f"{s['files']} files)")
 
 
 def check_stream(cfg: PretrainConfig, metrics: dict[str, Any], pipeline: dict[str, int]) -> None:
@@ -432,9 +603,8 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     """Run (or resume) pretraining as configured; returns the final metrics and checkpoint URL.
 
     `prepare_datasets` may replace the per-phase dataset factories (benchmarks/ingest.py feeds the
-    same loop from memory to measure what the streaming pipeline costs)."""
-    from ray.train.torch import TorchTrainer
-
+    same loop from memory to measure what the streaming pipeline costs). One driver at a time
+    writes a run: a second one is refused while the first holds the run's lease (`RunLease`)."""
     # Progress bars of several streaming operators interleave badly with the metric lines in job
     # logs; Train copies the driver's DataContext to the workers when the trainer is built.
     context = ray.data.DataContext.get_current()
@@ -444,6 +614,38 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     started = time.perf_counter()
     check_cluster(cfg)
     run_url = join_url(absolute_url(cfg.run.output), cfg.run.name)
+    lease = RunLease.acquire(run_url, stale_after_s=cfg.run.lease_stale_s)
+    try:
+        lease.start_heartbeat(min(60.0, cfg.run.lease_stale_s / 4))
+        return _run(cfg, run_url, started, progress_bars, prepare_datasets)
+    finally:
+        lease.release()
+
+
+# Data settings that change how the stream is computed, not what it holds: a resume may change them.
+RESUME_NEUTRAL_DATA = ("read_cpus", "tokenizer_cpus", "tokenizer_actors", "storage_options", "max_unreadable_share",
+                       "max_file_bytes", "eval_corpus", "shuffle_buffer", "preserve_order")
+
+
+def check_resume_config(cfg: PretrainConfig, saved: RunState | None, where: str) -> None:
+    """A resume under another model, tokenizer or data description would train the old weights
+    under the new name: refused unless `run.allow_config_change` names each change."""
+    if saved is None or not saved.config:
+        return
+
+    def comparable(config: dict[str, Any]) -> dict[str, Any]:
+        data = {k: v for k, v in config.get("data", {}).items() if k not in RESUME_NEUTRAL_DATA}
+        return {"model": config.get("model", {}), "data": data}
+
+    check_config_change(comparable(saved.config), comparable(to_mapping(cfg)), cfg.run.allowed_changes, where=where)
+
+
+def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
+         prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None) -> PretrainResult:
+    from ray.train.torch import TorchTrainer
+
+    saved = latest_run_state(run_url)
+    check_resume_config(cfg, saved, where=f"{run_url} (step {saved.step})" if saved else run_url)
     files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
     log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
     warning = preflight_layout(files, cfg.data.corpus_layout(), fmt=cfg.data.format,
@@ -457,9 +659,8 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     baselines = eval_baselines(evaluation)
     write_text(join_url(run_url, BASELINES), json.dumps(baselines) + "\n")
     counters = PipelineCounters.remote()
-    datasets = {f"train_{i}": functools.partial(_phase_dataset, files, cfg.data, phase, tokenizer_json, cfg.train.seed,
-                                                cfg.train.corpus_passes, run_url, counters)
-                for i, phase in enumerate(cfg.train.phases)}
+    datasets = {f"train_{i}": functools.partial(_phase_dataset, files, cfg, i, tokenizer_json, run_url, counters)
+                for i in range(len(cfg.train.phases))}
     if prepare_datasets is not None:
         datasets = prepare_datasets(datasets)
 
@@ -468,7 +669,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     plan = WorkerPlan(config=cfg, bert_config=bert_config.to_dict(), tokenizer_json=tokenizer_json, run_url=run_url,
                       eval_batches=evaluation, baselines=baselines,
                       init_from=resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
-                      tensorboard_dir=tensorboard_dir)
+                      tensorboard_dir=tensorboard_dir, corpus_files=len(files))
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})})

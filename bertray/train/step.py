@@ -114,28 +114,49 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.meter = DeviceMeter()
         self.steps = 0
+        self._nonfinite: torch.Tensor | None = None   # steps with a non-finite loss (or unscaled norm), on the device
+        self._poison = False
 
     def __call__(self, micro_batches: Sequence[Mapping[str, Any]]) -> None:
         k = len(micro_batches)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, inputs in enumerate(micro_batches):
             last = i == k - 1
             no_sync = self.ddp_model.no_sync() if self.ddp_model is not None and not last else contextlib.nullcontext()
             with no_sync:
                 with autocast(self.device, self.precision):
                     loss, metrics = self.loss_fn(self.forward_model, inputs)
+                if self._poison:
+                    loss = loss * float("nan")
                 self.scaler.scale(loss / k).backward()
+            bad |= ~torch.isfinite(loss.detach())
             self.meter.add_all(metrics)
+        self._poison = False
         self.scaler.unscale_(self.optimizer)          # a no-op unless fp16: clip the true gradients
         max_norm = self.clip_grad_norm if self.clip_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         finite = torch.isfinite(grad_norm)
         self.meter.add("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
         self.meter.count("skipped_steps", ~finite)
+        if not self.scaler.is_enabled():      # with fp16 loss scaling an overflowing norm is routine (skipped)
+            bad |= ~finite
+        self._nonfinite = bad.int() if self._nonfinite is None else self._nonfinite + bad.int()
         self.scaler.step(self.optimizer)              # skipped by the scaler when fp16 gradients overflowed
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+
+    def nonfinite_steps(self) -> int:
+        """Steps since the last call whose loss (or, without loss scaling, gradient norm) was not
+        finite: one read from the device, made before each checkpoint."""
+        count = int(self._nonfinite) if self._nonfinite is not None else 0
+        self._nonfinite = None
+        return count
+
+    def inject_nan(self) -> None:
+        """Fault injection for tests: the next step's loss is NaN."""
+        self._poison = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}

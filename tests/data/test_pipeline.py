@@ -140,7 +140,8 @@ def test_a_batch_spanning_two_passes_never_pairs_a_document_with_its_own_copy(to
     from bertray.data.pipeline import TokenizePairMask, _buffer_table
 
     docs = [[f"document {d} says sentence {s} about topic {d}." for s in range(12)] for d in range(2)]
-    batch = pa.concat_tables([_buffer_table(docs, [0, 1], [0, 1], 0), _buffer_table(docs, [0, 1], [0, 1], 1)])
+    batch = pa.concat_tables([_buffer_table(docs, [0, 1], [0, 1], 0, 0, 0, True),
+                             _buffer_table(docs, [0, 1], [0, 1], 1, 2, 0, True)])
     pair = TokenizePairMask(spec_for(tokenizer, nsp=NSPConfig(max_seq_len=24)),
                             columns=TRAINER_COLUMNS + ("doc_id", "b_doc_id", "pass_index"))
     not_next = 0
@@ -161,15 +162,18 @@ def test_a_batch_spanning_two_passes_never_pairs_a_document_with_its_own_copy(to
     (32, 10**9, [30]),                  # never closed: one buffer
 ])
 def test_buffers_close_by_count_or_by_size(tmp_path, tokenizer, docs_per_batch, buffer_chars, sizes):
-    from bertray.data.pipeline import _read_file_group
+    from bertray.data.pipeline import _read_unit
 
     text = "\n\n".join("\n".join(f"Document {d} has sentence number {s} in it." * 2 for s in range(12))
                        for d in range(30))
     (tmp_path / "c.txt").write_text(text + "\n")
     spec = spec_for(tokenizer, layout=LAYOUT_PRESETS["bert"], docs_per_batch=docs_per_batch, buffer_chars=buffer_chars)
-    buffers = list(_read_file_group(resolve_corpus(str(tmp_path / "c.txt")), 3, spec, None))
+    buffers = list(_read_unit(resolve_corpus(str(tmp_path / "c.txt")), 3, 7, spec, None))
     assert [b.column("doc_ids")[0].as_py().__len__() for b in buffers] == sizes
     assert all(b.num_rows == 1 and b.column("pass_index")[0].as_py() == 3 for b in buffers)
+    # numbered within the unit, the last one flagged: how a worker knows the unit ended
+    assert [(b["unit"][0].as_py(), b["buffer"][0].as_py(), b["last_buffer"][0].as_py()) for b in buffers] == \
+        [(7, i, i == len(sizes) - 1) for i in range(len(sizes))]
     ids = [i for b in buffers for i in b.column("doc_ids")[0].as_py()]
     assert ids == list(range(30))          # every document once, in order, file index 0
 
@@ -179,14 +183,14 @@ def test_pieces_of_a_cut_book_share_a_source_and_never_pair_as_not_next(tmp_path
     carries the id of its first piece, and a NotNext B always comes from the other book."""
     import dataclasses
 
-    from bertray.data.pipeline import TokenizePairMask, _read_file_group
+    from bertray.data.pipeline import TokenizePairMask, _read_unit
 
     for book in range(2):
         (tmp_path / f"book{book}.txt").write_text("\n\n".join(
             f"Book {book} paragraph {p} tells its own story." for p in range(40)) + "\n")
     layout = dataclasses.replace(LAYOUT_PRESETS["gutenberg"], max_document_sentences=8)
     spec = spec_for(tokenizer, layout=layout, nsp=NSPConfig(max_seq_len=32))
-    (buffer,) = _read_file_group(resolve_corpus(str(tmp_path)), 0, spec, None)
+    (buffer,) = _read_unit(resolve_corpus(str(tmp_path)), 0, 0, spec, None)
     ids, sources = buffer.column("doc_ids")[0].as_py(), buffer.column("sources")[0].as_py()
     assert len(ids) == 10                                     # 2 books x 5 pieces, interleaved
     assert sorted(set(sources)) == [0, 1 << 32]               # each book's first piece
@@ -209,6 +213,22 @@ def test_special_tokens_written_in_the_corpus_are_text(tokenizer):
 
     docs = [[f"Doc {d} line {s} has [SEP] and [MASK] and [CLS] inside." for s in range(6)] for d in range(3)]
     spec = spec_for(tokenizer, nsp=NSPConfig(max_seq_len=64))
-    out = TokenizePairMask(spec)(_buffer_table(docs, [0, 1, 2], [0, 1, 2], 0))
+    out = TokenizePairMask(spec)(_buffer_table(docs, [0, 1, 2], [0, 1, 2], 0, 0, 0, True))
     sep, cls = tokenizer.token_to_id("[SEP]"), tokenizer.token_to_id("[CLS]")
     assert np.all((out["input_ids"] == cls).sum(1) == 1) and np.all((out["input_ids"] == sep).sum(1) == 2)
+
+
+def test_a_resumed_unit_skips_finished_buffers_and_an_empty_unit_still_reports_its_end(tmp_path, tokenizer):
+    from bertray.data.pipeline import TokenizePairMask, _read_unit
+
+    text = "\n\n".join(f"Document {d} has a sentence. And another one here." for d in range(20))
+    (tmp_path / "c.txt").write_text(text + "\n")
+    (tmp_path / "empty.txt").write_text("\n\n\n")
+    spec = spec_for(tokenizer, layout=LAYOUT_PRESETS["bert"], docs_per_batch=4)
+    files = resolve_corpus(str(tmp_path / "c.txt"))
+    numbers = [b["buffer"][0].as_py() for b in _read_unit(files, 0, 0, spec, None, skip_buffers=frozenset({0, 2}))]
+    assert numbers == [1, 3, 4]
+    (empty,) = _read_unit(resolve_corpus(str(tmp_path / "empty.txt")), 0, 5, spec, None)
+    out = TokenizePairMask(spec)(empty)
+    assert out["buffer_items"].tolist() == [0] and out["item"].tolist() == [-1] and out["last_buffer"].tolist() == [1]
+    assert out["input_ids"].shape == (1, spec.nsp.max_seq_len)
