@@ -4,8 +4,10 @@ A pretraining run of `--preset` (default base: 110 M parameters, a checkpoint of
 the Adam moments) writes checkpoints to an S3-compatible server on loopback (moto, started here;
 nothing leaves the machine) with `train.checkpoint_upload` sync and then async. Every step is
 logged (`train.log_every: 1`), so `history.json` has each step's wall time; the time a checkpoint
-costs shows in the interval of the step after it. Lost per checkpoint = mean of those intervals
-minus the median interval of the steps without a checkpoint before them.
+costs shows in the interval of the step after it. The stall after a checkpoint = mean of those
+intervals minus the median interval of the steps without a checkpoint before them; "all steps" is
+the sum of every step's interval, which also holds what a background upload costs the steps it
+shares the machine with.
 
 With `async`, the worker writes the checkpoint to local disk (the part that must stop training: the
 weights must not change while they are written), reports it, and trains on while Ray's upload
@@ -82,6 +84,7 @@ def run(mode: str, args, bucket: str) -> dict:
     plain = [steps[s] for s in steps if s > 2 and (s - 1) % args.every != 0]
     base = statistics.median(plain)
     return {"mode": mode, "wall_s": round(wall, 1), "step_s": round(base, 3),
+            "steps_total_s": round(sum(steps.values()), 1),
             "after_checkpoint_s": [round(x, 3) for x in after],
             "lost_per_checkpoint_s": round(statistics.mean(after) - base, 2) if after else None}
 
@@ -110,9 +113,10 @@ def main(argv=None) -> int:
     finally:
         proc.terminate()
     print(f"checkpoints of the {args.preset} preset to S3 on loopback, every {args.every} steps, batch {args.batch}")
-    print(f"{'upload':>7} {'step s':>8} {'lost per checkpoint s':>22} {'run s':>7}")
+    print(f"{'upload':>7} {'step s':>8} {'stall after a checkpoint s':>27} {'all steps s':>12} {'run s':>7}")
     for r in rows:
-        print(f"{r['mode']:>7} {r['step_s']:>8.3f} {r['lost_per_checkpoint_s']:>22} {r['wall_s']:>7}")
+        print(f"{r['mode']:>7} {r['step_s']:>8.3f} {r['lost_per_checkpoint_s']:>27} {r['steps_total_s']:>12} "
+              f"{r['wall_s']:>7}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

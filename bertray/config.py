@@ -611,9 +611,14 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ScalingSection:
-    num_workers: int = doc(1, "Ray Train workers (one per GPU)")
+    num_workers: int | tuple[int, int] = doc(1, "Ray Train workers (one per GPU); [min, max]: elastic, the run "
+                                                "goes on with as few as min workers when nodes are lost and grows "
+                                                "back to max; the global batch stays the same")
     use_gpu: bool = doc(False, "one GPU per worker")
     cpus_per_worker: float = doc(1.0, "CPUs reserved per Train worker (the data stages use the rest)")
+    worker_resources: dict[str, float] = doc({}, "custom Ray resources each Train worker also reserves, e.g. "
+                                                 "{trainer_node: 1} to keep workers on nodes started with that "
+                                                 "resource (and one worker per such node)")
     torch_threads: int = doc(0, "intra-op threads per worker on CPU (0: Ray's default, one per reserved CPU); "
                                 "more than reserved helps when the data stages leave CPUs idle")
     cpu_affinity: tuple[int, ...] = doc((), "CPU ids each Train worker process is pinned to (Linux); empty: no "
@@ -622,11 +627,28 @@ class ScalingSection:
         "fail", "before starting, place the Train workers and the data stages' minimum on the cluster's nodes: "
                 "fail (stop with what is short; a warning where an autoscaler may add nodes), warn, or skip")
 
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
     def __post_init__(self) -> None:
-        check(self.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        check(1 <= self.min_workers <= self.max_workers, "scaling.num_workers",
+              f"must be >= 1, or [min, max] with 1 <= min <= max, got {self.num_workers}")
         check(all(isinstance(c, int) and c >= 0 for c in self.cpu_affinity), "scaling.cpu_affinity",
               f"must be CPU ids >= 0, got {list(self.cpu_affinity)}")
         check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        for key, amount in self.worker_resources.items():
+            check(key not in ("CPU", "GPU") and isinstance(amount, (int, float)) and amount > 0,
+                  f"scaling.worker_resources.{key}", f"must be a custom resource (not CPU/GPU: see cpus_per_worker "
+                  f"and use_gpu) with an amount > 0, got {amount!r}")
         check(self.torch_threads >= 0, "scaling.torch_threads", f"must be >= 0, got {self.torch_threads}")
 
 
@@ -669,6 +691,11 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         for i, phase in enumerate(self.train.phases):
+            if self.scaling.elastic:   # any worker count in the range: uneven shares, weighted (see worker_batch)
+                check(phase.batch_size >= self.scaling.max_workers, f"train.phases[{i}].batch_size",
+                      f"{phase.batch_size} is less than one sequence per worker for scaling.num_workers "
+                      f"{list(self.scaling.num_workers)}")
+                continue
             workers = self.scaling.num_workers
             check(phase.batch_size % workers == 0, f"train.phases[{i}].batch_size",
                   f"{phase.batch_size} does not divide over scaling.num_workers={workers}")

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
                  log_to_driver=True, configure_logging=False)
     print(f"bertray pretraining: run {cfg.run.name!r} -> {cfg.run.output}, model {cfg.model.preset}, "
-          f"objective {cfg.data.objective}, {cfg.train.max_steps} steps, {cfg.scaling.num_workers} worker(s)",
+          f"objective {cfg.data.objective}, {cfg.train.max_steps} steps, {_workers(cfg.scaling)} worker(s)",
           flush=True)
     try:
         result = run_pretraining(cfg, progress_bars=args.progress_bars)
@@ -100,6 +100,10 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _workers(scaling) -> str:
+    return f"{scaling.min_workers}-{scaling.max_workers} (elastic)" if scaling.elastic else str(scaling.num_workers)
 
 
 def print_data_position(run_url: str) -> int:

@@ -25,11 +25,12 @@ import numpy as np
 import ray
 import ray.train
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bertray.config import BertConfig, PretrainConfig, to_mapping
 from bertray.data.pipeline import (INSTANCE_COLUMNS, PROVENANCE_COLUMNS, PipelineCounters, build_dataset, drop_markers,
                                    stream_spec)
-from bertray.data.position import DataPosition, StreamLayout, merge_all
+from bertray.data.position import POSITION_COLUMNS, DataPosition, StreamLayout, merge_all
 from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError, CorpusError, TrainingDiverged
@@ -43,7 +44,7 @@ from bertray.train.batches import HostBatch, pretraining_batch
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
 from bertray.train.rows import mixed_batches
 from bertray.train.optim import make_optimizer, warmup_linear_decay
-from bertray.train.resources import ResourceShortage, check_resources
+from bertray.train.resources import ResourceShortage, check_resources, worker_resources
 from bertray.train.stall import BatchWatchdog, cluster_diagnosis
 from bertray.train.step import DeviceMeter, TrainStep, autocast, pretraining_loss
 
@@ -84,20 +85,39 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], devic
     return {f"eval_{k}": v for k, v in meter.read().items()}
 
 
-def _batches(shard: Any, batch_size: int, data: Any, seed: int, device: torch.device,
-             resume: DataPosition | None) -> Iterator[HostBatch]:
-    """Batches mixed across NSP buffers (`bertray.train.rows`): each buffer holds a few documents'
-    instances, so unmixed, consecutive steps would train on the same few sources. They stay on the
-    host (pinned for a GPU) until `HostBatch.to`: see `bertray.train.batches`."""
-    blocks = shard.iter_batches(batch_size=max(batch_size, 256), batch_format="numpy", prefetch_batches=4)
-    for batch in mixed_batches(blocks, batch_size, window=data.shuffle_buffer, seed=seed, resume=resume,
+def _batches(shard: Any, per_worker: int, micro: int, data: Any, seed: int, device: torch.device,
+             resume: DataPosition | None) -> Iterator[list[HostBatch]]:
+    """A step's micro-batches at a time, mixed across NSP buffers (`bertray.train.rows`): each buffer
+    holds a few documents' instances, so unmixed, consecutive steps would train on the same few
+    sources. They stay on the host (pinned for a GPU) until `HostBatch.to`: see `bertray.train.batches`."""
+    blocks = shard.iter_batches(batch_size=max(per_worker, 256), batch_format="numpy", prefetch_batches=4)
+    for batch in mixed_batches(blocks, per_worker, window=data.shuffle_buffer, seed=seed, resume=resume,
                                windows_per_unit=data.preserve_order):
-        host = pretraining_batch({k: batch.rows[k] for k in INSTANCE_COLUMNS}, pin=device.type == "cuda")
-        host.rows = {**batch.positions, **{k: batch.rows[k] for k in PROVENANCE_COLUMNS if k in batch.rows}}
-        yield host
+        provenance = {k: batch.rows[k] for k in PROVENANCE_COLUMNS if k in batch.rows}
+        micro_batches = []
+        for start in range(0, per_worker, micro):
+            part = slice(start, start + micro)
+            host = pretraining_batch({k: batch.rows[k][part] for k in INSTANCE_COLUMNS}, pin=device.type == "cuda")
+            host.rows = {**{k: batch.rows[k][part] for k in POSITION_COLUMNS},
+                         **{k: v[part] for k, v in provenance.items()}}
+            micro_batches.append(host)
+        markers = batch.positions["buffer_items"] == 0     # markers ride with the step's first micro-batch
+        if markers.any():
+            first = micro_batches[0].rows
+            for key in POSITION_COLUMNS:
+                first[key] = np.concatenate([batch.positions[key][markers], first[key]])
+            for key in provenance:
+                first[key] = np.concatenate([np.full(int(markers.sum()), -1, first[key].dtype), first[key]])
+        yield micro_batches
 
 
-def _watched(batches: Iterator[HostBatch], tcfg) -> BatchWatchdog[HostBatch]:
+def worker_batch(global_batch: int, world: int, rank: int) -> int:
+    """This worker's share of the global batch: equal shares, the remainder to the first ranks (an
+    elastic group of any size keeps the configured global batch)."""
+    return global_batch // world + (1 if rank < global_batch % world else 0)
+
+
+def _watched(batches: Iterator[list[HostBatch]], tcfg) -> BatchWatchdog[list[HostBatch]]:
     """The batches through the stall watchdog (`bertray.train.stall`), which also moves the host-side
     preparation off the training thread."""
     return BatchWatchdog(batches, warn_after_s=tcfg.batch_wait_warn_s, fail_after_s=tcfg.batch_wait_fail_s,
@@ -187,25 +207,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         phase_resume = resume if resume is not None and resume.phase == phase_index else None
         stream = StreamTracker(copy.deepcopy(phase_resume) if phase_resume else DataPosition(layout, phase_index),
                                record=tcfg.record_instances)
-        per_worker = phase.batch_size // world
-        micro = tcfg.micro_batch_size or per_worker
-        accumulation = per_worker // micro
-        batches = _watched(_batches(ray.train.get_dataset_shard(f"train_{phase_index}"), micro, cfg.data,
-                                    seed=tcfg.seed, device=device, resume=phase_resume), tcfg)
+        per_worker = worker_batch(phase.batch_size, world, rank)
+        micro = min(tcfg.micro_batch_size or per_worker, per_worker)
+        batches = _watched(_batches(ray.train.get_dataset_shard(f"train_{phase_index}"), per_worker, micro,
+                                    cfg.data, seed=tcfg.seed, device=device, resume=phase_resume), tcfg)
         if rank == 0:
-            log.info("phase %d: steps %d-%d, sequence %d, P %d, global batch %d (%d workers x %d x %d accumulation)",
-                     phase_index, state.step + 1, phase_end, phase.max_seq_len, phase.max_predictions_per_seq,
-                     phase.batch_size, world, micro, accumulation)
+            log.info("phase %d: steps %d-%d, sequence %d, P %d, global batch %d (%d workers x %d, micro-batches "
+                     "of %d)", phase_index, state.step + 1, phase_end, phase.max_seq_len,
+                     phase.max_predictions_per_seq, phase.batch_size, world, per_worker, micro)
         meter.reset()
         while state.step < phase_end:
-            micro_batches = []
-            for _ in range(accumulation):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                meter.add_batch(batch.sequences, batch.tokens, batches.waited_s)
-                micro_batches.append(batch)
-            if not agreement.all_ready(len(micro_batches) == accumulation):
+            micro_batches = next(batches, None)
+            if micro_batches is not None:
+                for batch in micro_batches:
+                    meter.add_batch(batch.sequences, batch.tokens, batches.waited_s)
+            if not agreement.all_ready(micro_batches is not None):
                 exhausted = True
                 log.warning("[rank %d] the corpus stream ended at step %d (train.corpus_passes=%d); "
                             "phase %d stops early", rank, state.step, tcfg.corpus_passes, phase_index)
@@ -214,7 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 break
             if state.step + 1 == tcfg.nan_at_step:
                 step.inject_nan()
-            step([b.to(device) for b in micro_batches])
+            step([b.to(device) for b in micro_batches],
+                 weights=[b.sequences * world / phase.batch_size for b in micro_batches])
             state.step += 1
             state.sequences_seen += phase.batch_size
             stream.trained(micro_batches, state.step)
@@ -224,7 +241,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             final = state.step == tcfg.max_steps or state.step == phase_end
             metrics: dict[str, Any] = {}
             if state.step % tcfg.log_every == 0 or final:
-                metrics = {**step.meter.read(), **meter.summary(world), "step": state.step, "phase": phase_index}
+                metrics = {**step.meter.read(), **meter.summary(world), "step": state.step, "phase": phase_index,
+                           "workers": world}
             if plan.eval_batches and rank == 0 and (final or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
                 metrics.update(evaluate(model, plan.eval_batches, device, tcfg.precision))
             if metrics:
@@ -658,7 +676,9 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
     evaluation = eval_batches(cfg, tokenizer_json, files)
     baselines = eval_baselines(evaluation)
     write_text(join_url(run_url, BASELINES), json.dumps(baselines) + "\n")
-    counters = PipelineCounters.remote()
+    # On the driver's node: a counter on a node that is lost would take the run's totals with it.
+    counters = PipelineCounters.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     datasets = {f"train_{i}": functools.partial(_phase_dataset, files, cfg, i, tokenizer_json, run_url, counters)
                 for i in range(len(cfg.train.phases))}
     if prepare_datasets is not None:
@@ -671,8 +691,9 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
                       init_from=resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
                       tensorboard_dir=tensorboard_dir, corpus_files=len(files))
     scaling = ray.train.ScalingConfig(
-        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})})
+        num_workers=tuple(cfg.scaling.num_workers) if cfg.scaling.elastic else cfg.scaling.max_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker=worker_resources(cfg))
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -687,7 +708,11 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
         write_text(join_url(run_url, LATEST), name + "\n")
         checkpoint_url = join_url(run_url, name)
     metrics = dict(result.return_value or result.metrics or {})
-    pipeline = ray.get(counters.get.remote())
+    try:
+        pipeline = ray.get(counters.get.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+        log.warning("the pipeline counters are lost (%s): the summary has none", type(exc).__name__)
+        pipeline = {}
     check_stream(cfg, metrics, pipeline)
     return PretrainResult(metrics=metrics, reported=dict(result.metrics or {}), checkpoint=checkpoint_url,
                           counters=pipeline, elapsed_s=time.perf_counter() - started,

@@ -31,11 +31,18 @@ class Demand:
     resources: dict[str, float]
 
 
+def worker_resources(cfg: PretrainConfig) -> dict[str, float]:
+    """What one Train worker reserves."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {}),
+            **{k: float(v) for k, v in s.worker_resources.items()}}
+
+
 def run_demands(cfg: PretrainConfig) -> list[Demand]:
     """The least the run needs at once: its Train workers, the tokenizer actors (one when the pool
     autoscales) and one read task."""
-    worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
-    n = cfg.scaling.num_workers
+    worker = worker_resources(cfg)
+    n = cfg.scaling.min_workers
     actors = max(1, cfg.data.tokenizer_actors)
     return ([Demand(f"Train worker {i + 1} of {n}", worker) for i in range(n)]
             + [Demand(f"tokenizer actor {i + 1} of {actors}", {"CPU": cfg.data.tokenizer_cpus}) for i in range(actors)]
@@ -76,10 +83,13 @@ def check_resources(cfg: PretrainConfig, nodes: Sequence[Mapping[str, float]]) -
     lines = [
         f"the cluster cannot run this configuration: {', '.join(x.what for x in unplaced[:3])}"
         f"{' and more' if len(unplaced) > 3 else ''} would never be placed, and the run would wait forever.",
-        f"  Train needs {s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU"
+        f"  Train needs {s.min_workers} worker(s) x {s.cpus_per_worker:g} CPU"
         + (" + 1 GPU" if s.use_gpu else "")
-        + f" (scaling.num_workers x scaling.cpus_per_worker{', scaling.use_gpu' if s.use_gpu else ''}), "
-          f"each on one node;",
+        + "".join(f" + {v:g} {k}" for k, v in s.worker_resources.items())
+        + f" (scaling.num_workers x scaling.cpus_per_worker{', scaling.use_gpu' if s.use_gpu else ''}"
+        + (", scaling.worker_resources" if s.worker_resources else "") + "), each on one node"
+        + (f" (nodes with them: {sum(1 for n in nodes if all(n.get(k, 0) for k in s.worker_resources))})"
+           if s.worker_resources else "") + ";",
         f"  the data stages need at least {_total(data, 'CPU'):g} CPU at the same time: data.read_cpus "
         f"{d.read_cpus:g} + {actors} tokenizer actor(s) x data.tokenizer_cpus {d.tokenizer_cpus:g}"
         + (" (data.tokenizer_actors)" if d.tokenizer_actors else " (the autoscaling pool starts with one)") + ";",

@@ -117,8 +117,12 @@ class TrainStep:
         self._nonfinite: torch.Tensor | None = None   # steps with a non-finite loss (or unscaled norm), on the device
         self._poison = False
 
-    def __call__(self, micro_batches: Sequence[Mapping[str, Any]]) -> None:
+    def __call__(self, micro_batches: Sequence[Mapping[str, Any]], weights: Sequence[float] | None = None) -> None:
+        """`weights`: each micro-batch's loss factor (default 1/k). A worker with a larger share of an
+        unevenly split global batch weighs its losses up, so that DDP's mean over workers is the mean
+        over the global batch's sequences."""
         k = len(micro_batches)
+        weights = weights if weights is not None else [1.0 / k] * k
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for i, inputs in enumerate(micro_batches):
             last = i == k - 1
@@ -128,7 +132,7 @@ class TrainStep:
                     loss, metrics = self.loss_fn(self.forward_model, inputs)
                 if self._poison:
                     loss = loss * float("nan")
-                self.scaler.scale(loss / k).backward()
+                self.scaler.scale(loss * weights[i]).backward()
             bad |= ~torch.isfinite(loss.detach())
             self.meter.add_all(metrics)
         self._poison = False

@@ -254,6 +254,26 @@ def _accumulation_matches_one_large_batch(ddp: bool, monkeypatch=None) -> int:
     return len(entered)
 
 
+def test_uneven_micro_batches_weighted_by_their_sequences_equal_one_batch():
+    """A worker's share of an unevenly split global batch (elastic groups): micro-batches of 5, 5
+    and 2 weighted 5/12, 5/12, 2/12 give the gradient of the 12 sequences at once."""
+    from bertray.train.pretrain import worker_batch
+
+    assert [worker_batch(26, 4, r) for r in range(4)] == [7, 7, 6, 6]
+    assert sum(worker_batch(32, 3, r) for r in range(3)) == 32
+    rng = np.random.default_rng(1)
+    ids = torch.as_tensor(rng.integers(5, VOCAB, size=(12, SEQ)))
+    labels = torch.as_tensor(rng.integers(0, 3, size=12))
+    one, model_one = classification_step(False)
+    before = {n: p.detach().clone() for n, p in model_one.named_parameters()}
+    one([{"input_ids": ids, "labels": labels}])
+    many, model_many = classification_step(False)
+    parts = [slice(0, 5), slice(5, 10), slice(10, 12)]
+    many([{"input_ids": ids[p], "labels": labels[p]} for p in parts], weights=[5 / 12, 5 / 12, 2 / 12])
+    for (name, p_one), p_many in zip(model_one.named_parameters(), model_many.parameters()):
+        torch.testing.assert_close(p_many - before[name], p_one - before[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
     _accumulation_matches_one_large_batch(ddp=False)
 

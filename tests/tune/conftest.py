@@ -11,11 +11,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes minutes on 2 CPU cores (the transfer test runs the embedded "
-                                       "pretraining default); deselect with -m 'not slow'")
-
-
 def make_checkpoint(directory: pathlib.Path, minilm_dir: pathlib.Path, *, is_causal: bool = False,
                     seed: int = 0) -> pathlib.Path:
     """A tiny random `BertForPreTraining` (2 layers, 32 wide) with the bert-base-uncased vocabulary,
