@@ -143,7 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per report is enough
+    _quiet_ray_train_reports()
     plan: WorkerPlan = loop_config["plan"]
     cfg, tcfg = plan.config, plan.config.train
     context = ray.train.get_context()
@@ -362,6 +362,18 @@ def _check_finite(step: TrainStep, at: int, run_url: str) -> None:
                                f"checkpoint is written at step {at}; the newest finite checkpoint is "
                                f"{newest or '(none yet)'}. Lower train.lr, raise train.warmup_steps or use "
                                "train.precision fp32/bf16, then resume from it")
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report with its whole metrics dict at INFO ("Reporting training result
+    N: TrainingReport(...)"), under a logger named after its source file rather than under
+    `ray.train`; the metric line of `_log_metrics` says the same in one line."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:      # a private module: when it moves, the reports are merely verbose
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _log_metrics(metrics: dict[str, Any], step: int, total: int, rank: int, sinks: MetricSinks) -> None:

@@ -149,6 +149,27 @@ def test_resume_guards(ray_cluster, tmp_path, small_files, capsys):
     assert not proof.exists()
 
 
+def test_the_console_has_one_line_per_report_not_ray_trains_dump(ray_cluster, tmp_path, small_files, capfd):
+    """Ray Train logs each report's whole metrics dict ("Reporting training result N:
+    TrainingReport(...)"); the workers silence it, their own metric line says the same."""
+    import time
+
+    from bertray.train.pretrain import run_pretraining
+
+    run_pretraining(config(tmp_path, small_files, "quiet", **{"train.max_steps": 4, "train.log_every": 2,
+                                                             "train.record_instances": False}))
+    out = ""
+    for _ in range(50):                 # worker output reaches the driver through Ray's log monitor
+        out += "".join(capfd.readouterr())
+        if "step 4/4" in out:
+            break
+        time.sleep(0.2)
+    time.sleep(2)
+    out += "".join(capfd.readouterr())
+    assert "step 2/4" in out and "step 4/4" in out
+    assert "Reporting training result" not in out
+
+
 def test_a_non_finite_loss_stops_the_run_before_it_saves(ray_cluster, tmp_path, small_files):
     from bertray.train.pretrain import run_pretraining
 
