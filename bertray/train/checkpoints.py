@@ -62,6 +62,7 @@ class RunState:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)   # logged intervals up to `step`
     data_position: dict[str, Any] | None = None
+    restarts: int = 0                                             # resumes from a checkpoint so far
 
 
 def _shorten(value: Any, limit: int = 60) -> str:

@@ -17,7 +17,8 @@ log = logging.getLogger("bertray.train")
 
 # Exported as Ray metrics (dashboard names get Ray's `ray_` prefix: ray_bertray_loss, ...).
 GAUGES = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "learning_rate", "grad_norm",
-          "sequences_per_s", "tokens_per_s", "data_wait_share", "skipped_steps", "step")
+          "sequences_per_s", "tokens_per_s", "data_wait_share", "skipped_steps", "step",
+          "workers", "restarts", "resumed_from_step")   # the last three: what node losses did to the run
 
 
 @dataclass

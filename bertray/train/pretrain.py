@@ -160,9 +160,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(tcfg.seed)
     model, saved, resumed = _build_model(plan, checkpoint)
     history = []
+    resumed_from = 0
     if saved is not None:
         state.step, state.sequences_seen, history = saved.step, saved.sequences_seen, saved.history
-        log.info("[rank %d] resuming at step %d from %s", rank, state.step, checkpoint.path)
+        state.restarts, resumed_from = saved.restarts + 1, saved.step
+        if rank == 0:
+            log.warning("resumed at step %d from %s (restart %d of this run, %d worker(s))", state.step,
+                        checkpoint.path, state.restarts, world)
     model.to(device)
     optimizer = make_optimizer(model, tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps)
@@ -242,7 +246,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             metrics: dict[str, Any] = {}
             if state.step % tcfg.log_every == 0 or final:
                 metrics = {**step.meter.read(), **meter.summary(world), "step": state.step, "phase": phase_index,
-                           "workers": world}
+                           "workers": world, "restarts": state.restarts, "resumed_from_step": resumed_from}
             if plan.eval_batches and rank == 0 and (final or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
                 metrics.update(evaluate(model, plan.eval_batches, device, tcfg.precision))
             if metrics:

@@ -94,6 +94,9 @@ def test_a_lost_worker_node_shrinks_the_group_and_the_run_trains_every_instance_
     workers = [h["workers"] for h in history if "workers" in h]
     assert workers[0] == 2 and workers[-1] == 1, workers          # two workers, then one after the loss
     assert result["metrics"]["start_step"] >= 8                   # resumed from the newest checkpoint
+    # what the console line, the Ray metrics and the Grafana panel show of the loss
+    assert history[0]["restarts"] == 0 and history[-1]["restarts"] == 1
+    assert history[-1]["resumed_from_step"] == result["metrics"]["start_step"]
 
     parts = [dict(np.load(p)) for p in sorted(run.glob("checkpoint_[0-9]*/trained_instances.npz"))]
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
