@@ -103,15 +103,19 @@ class DataPosition:
             else:
                 bits = progress.partial.setdefault(buffer, np.zeros(size, dtype=bool))
                 bits[items[(items >= 0) & (items < size)]] = True
-        self._settle(unit)
+        self._settle(unit, (buffer,))
         self._advance()
 
-    def _settle(self, unit: int) -> None:
-        """Fully consumed bitmaps become finished buffers; a unit with every buffer finished, done."""
+    def _settle(self, unit: int, buffers: Iterable[int] | None = None) -> None:
+        """Fully consumed bitmaps (of `buffers`, or all) become finished buffers; a unit with every
+        buffer finished, done. Marking a batch settles only the buffers it touched: scanning every
+        bitmap of the unit would be work per step that grows with the unit."""
         progress = self.units[unit]
-        for buffer in [b for b, bits in progress.partial.items() if b in progress.done or bits.all()]:
-            progress.done.add(buffer)
-            del progress.partial[buffer]
+        candidates = list(progress.partial) if buffers is None else [b for b in buffers if b in progress.partial]
+        for buffer in candidates:
+            if buffer in progress.done or progress.partial[buffer].all():
+                progress.done.add(buffer)
+                del progress.partial[buffer]
         if progress.complete():
             del self.units[unit]
             self.done.add(unit)

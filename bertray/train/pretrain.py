@@ -42,7 +42,7 @@ from bertray.train.lease import RunLease
 from bertray.train.curves import BASELINES, HISTORY, write_run_curves
 from bertray.train.batches import HostBatch, pretraining_batch
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
-from bertray.train.rows import mixed_batches
+from bertray.train.rows import concat_rows, mixed_batches
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 from bertray.train.resources import ResourceShortage, check_resources, worker_resources
 from bertray.train.stall import BatchWatchdog, cluster_diagnosis
@@ -325,7 +325,7 @@ class StreamTracker:
     def gather(self, world: int) -> dict[str, np.ndarray] | None:
         """Merge every worker's position into each (a collective: all ranks call it at the same step);
         the recorded rows of all workers, on rank 0."""
-        records = _concat_rows(self.rows) if self.record else None
+        records = concat_rows(self.rows) if self.record else None
         self.rows = []
         if world == 1:
             return records
@@ -335,7 +335,7 @@ class StreamTracker:
         dist.all_gather_object(gathered, (self.position.to_json(), records))
         merged = merge_all(DataPosition.from_json(p) for p, _ in gathered)
         self.position = merged
-        return _concat_rows([r for _, r in gathered if r is not None]) if self.record else None
+        return concat_rows([r for _, r in gathered if r is not None]) if self.record else None
 
 
 def instance_digests(inputs: dict[str, Any]) -> np.ndarray:
@@ -347,12 +347,6 @@ def instance_digests(inputs: dict[str, Any]) -> np.ndarray:
                                              "masked_lm_weights", "next_sentence_labels")]
     return np.array([int.from_bytes(hashlib.blake2b(b"".join(c[i].tobytes() for c in columns), digest_size=8)
                                     .digest(), "little") >> 1 for i in range(len(columns[0]))], dtype=np.int64)
-
-
-def _concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if not parts:
-        return {}
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _check_finite(step: TrainStep, at: int, run_url: str) -> None:

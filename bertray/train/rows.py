@@ -32,7 +32,10 @@ class RowBatch:
     positions: dict[str, np.ndarray]      # POSITION_COLUMNS of its rows and of markers seen before it
 
 
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Column-wise concatenation of row dicts with the same columns ({} for none)."""
+    if not parts:
+        return {}
     if len(parts) == 1:
         return parts[0]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -72,7 +75,7 @@ def mixed_batches(blocks: Iterable[Mapping[str, np.ndarray]], batch_size: int, *
         nonlocal gathered, gathered_rows, pending_rows
         if not gathered:
             return
-        rows = _concat(gathered)
+        rows = concat_rows(gathered)
         size = _length(rows) if size is None else size
         rows, rest = _take(rows, slice(0, size)), _take(rows, slice(size, None))
         gathered, gathered_rows = ([rest] if _length(rest) else []), _length(rest)
@@ -88,10 +91,10 @@ def mixed_batches(blocks: Iterable[Mapping[str, np.ndarray]], batch_size: int, *
     def cut() -> Iterator[RowBatch]:
         nonlocal pending, pending_rows, markers
         while pending_rows >= batch_size:
-            rows = _concat(pending)
+            rows = concat_rows(pending)
             batch, rest = _take(rows, slice(0, batch_size)), _take(rows, slice(batch_size, None))
             pending, pending_rows = ([rest] if _length(rest) else []), _length(rest)
-            positions = _concat([*markers, {k: batch[k] for k in POSITION_COLUMNS}])
+            positions = concat_rows([*markers, {k: batch[k] for k in POSITION_COLUMNS}])
             markers = []
             yield RowBatch(batch, positions)
 
