@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, TypeVar
 
 from bertray.errors import ConfigError
+from bertray.labels import selector_problem
 from bertray.storage import credential_keys, has_credentials, redact_url
 
 log = logging.getLogger(__name__)
@@ -465,6 +466,12 @@ class DataSection:
     read_cpus: float = doc(0.25, "CPUs per read task (fractional: leaves room for Train workers)")
     tokenizer_cpus: float = doc(1.0, "CPUs per tokenizer actor (it tokenizes, pairs and masks)")
     tokenizer_actors: int = doc(0, "tokenizer actors (0: autoscale with the cluster)")
+    node_labels: dict[str, str] = doc({}, "Ray node labels the data stages (read tasks, tokenizer actors) run on, "
+                                          "e.g. {bertray-role: data}, in Ray's selector syntax (value, !value, "
+                                          "in(a,b), !in(a,b)); empty: any node with CPUs")
+    node_labels_fallback: bool = doc(True, "when no live node has data.node_labels (the data nodes are lost or not "
+                                           "up), run the data stages on any node, with a warning, instead of "
+                                           "waiting for one; decided at every start of the worker group")
     max_file_bytes: int = doc(64 << 30, "bytes one text or JSONL file may hold after decompression; past it the "
                                         "rest of the file is skipped, named and counted (oversized_files): a "
                                         "decompression bomb or a runaway shard cannot fill a node")
@@ -494,6 +501,8 @@ class DataSection:
               f"must be in [0, 1], got {self.max_unreadable_share}")
         for key in ("read_cpus", "tokenizer_cpus"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
+        problem = selector_problem(self.node_labels)
+        check(problem is None, "data.node_labels", str(problem))
         self.corpus_layout()
         self.masking(20)
 
@@ -619,6 +628,9 @@ class ScalingSection:
     worker_resources: dict[str, float] = doc({}, "custom Ray resources each Train worker also reserves, e.g. "
                                                  "{trainer_node: 1} to keep workers on nodes started with that "
                                                  "resource (and one worker per such node)")
+    node_labels: dict[str, str] = doc({}, "Ray node labels the Train workers run on, e.g. {bertray-role: trainer}, "
+                                          "in Ray's selector syntax (value, !value, in(a,b), !in(a,b)); empty: any "
+                                          "node with the workers' resources")
     torch_threads: int = doc(0, "intra-op threads per worker on CPU (0: Ray's default, one per reserved CPU); "
                                 "more than reserved helps when the data stages leave CPUs idle")
     cpu_affinity: tuple[int, ...] = doc((), "CPU ids each Train worker process is pinned to (Linux); empty: no "
@@ -649,6 +661,8 @@ class ScalingSection:
             check(key not in ("CPU", "GPU") and isinstance(amount, (int, float)) and amount > 0,
                   f"scaling.worker_resources.{key}", f"must be a custom resource (not CPU/GPU: see cpus_per_worker "
                   f"and use_gpu) with an amount > 0, got {amount!r}")
+        problem = selector_problem(self.node_labels)
+        check(problem is None, "scaling.node_labels", str(problem))
         check(self.torch_threads >= 0, "scaling.torch_threads", f"must be >= 0, got {self.torch_threads}")
 
 

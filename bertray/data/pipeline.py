@@ -34,6 +34,7 @@ from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instance
 from bertray.data.position import POSITION_COLUMNS, DataPosition
 from bertray.data.seeding import derive_rng, stable_hash
 from bertray.data.sources import CorpusFile, read_documents
+from bertray.labels import matches
 
 if TYPE_CHECKING:
     from bertray.config import DataSection, PhaseConfig
@@ -75,6 +76,7 @@ class StreamSpec:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     max_file_bytes: int | None = None  # see DataSection.max_file_bytes
     resume: DataPosition | None = None # where a resumed run stands: finished units are not planned
+    label_selector: Mapping[str, str] = field(default_factory=dict)   # the nodes the stages run on (none: any)
 
 
 def read_spec(spec: StreamSpec) -> StreamSpec:
@@ -83,7 +85,8 @@ def read_spec(spec: StreamSpec) -> StreamSpec:
 
 
 def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, *, seed: int, generation: int,
-                passes: int, resume: DataPosition | None = None) -> StreamSpec:
+                passes: int, resume: DataPosition | None = None,
+                label_selector: Mapping[str, str] | None = None) -> StreamSpec:
     """The stream of one phase of the schedule (its sequence length and P) from the run's config."""
     return StreamSpec(
         layout=data.corpus_layout(), nsp=NSPConfig(max_seq_len=phase.max_seq_len, short_seq_prob=data.short_seq_prob),
@@ -93,7 +96,8 @@ def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, 
         buffer_chars=data.buffer_chars, preserve_order=data.preserve_order,
         files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
         tokenizer_actors=data.tokenizer_actors, storage_options=data.storage_options,
-        holdout_fraction=data.holdout_fraction, max_file_bytes=data.max_file_bytes, resume=resume)
+        holdout_fraction=data.holdout_fraction, max_file_bytes=data.max_file_bytes, resume=resume,
+        label_selector=dict(data.node_labels if label_selector is None else label_selector))
 
 
 _HOLDOUT_BUCKETS = 1 << 20
@@ -416,11 +420,15 @@ def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_act
         raise ValueError(f"objective {spec.objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if spec.split not in SPLITS:
         raise ValueError(f"split {spec.split!r}: choose one of {', '.join(SPLITS)}")
+    selector = dict(spec.label_selector)
+    cpus = sum(n["Resources"].get("CPU", 0) for n in ray.nodes()
+               if n.get("Alive") and matches(selector, n.get("Labels") or {}))
     pool = (ray.data.ActorPoolStrategy(size=spec.tokenizer_actors) if spec.tokenizer_actors > 0
-            else ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))))
+            else ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus))))
+    placement = {"label_selector": selector} if selector else {}
     columns = TRAINER_COLUMNS + (PROVENANCE_COLUMNS if keep_provenance else ())
-    ds = ray.data.read_datasource(CorpusDatasource(files, spec, counters_actor), num_cpus=spec.read_cpus)
+    ds = ray.data.read_datasource(CorpusDatasource(files, spec, counters_actor), num_cpus=spec.read_cpus, **placement)
     ds = ds.map_batches(TokenizePairMask, fn_constructor_args=(spec, counters_actor, columns), batch_size=1,
-                        batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus)
+                        batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus, **placement)
     ds.context.execution_options.preserve_order = spec.preserve_order
     return ds

@@ -44,7 +44,7 @@ from bertray.train.batches import HostBatch, pretraining_batch
 from bertray.train.metrics import IntervalMeter, MetricSinks, format_line
 from bertray.train.rows import concat_rows, mixed_batches
 from bertray.train.optim import make_optimizer, warmup_linear_decay
-from bertray.train.resources import ResourceShortage, check_resources, worker_resources
+from bertray.train.resources import ResourceShortage, check_resources, data_selector, worker_resources
 from bertray.train.stall import BatchWatchdog, cluster_diagnosis
 from bertray.train.step import DeviceMeter, TrainStep, autocast, pretraining_loss
 
@@ -561,8 +561,11 @@ def _phase_dataset(files, cfg: PretrainConfig, phase_index: int, tokenizer_json:
     resume = position if position is not None and position.phase == phase_index else None
     if resume is not None:
         log.info("phase %d resumes its stream at %s", phase_index, describe_position(resume))
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
     spec = stream_spec(cfg.data, cfg.train.phases[phase_index], tokenizer_json, seed=cfg.train.seed,
-                       generation=layout.generation, passes=cfg.train.corpus_passes, resume=resume)
+                       generation=layout.generation, passes=cfg.train.corpus_passes, resume=resume,
+                       label_selector=data_selector(cfg, [n.get("Labels") or {} for n in nodes],
+                                                    [n["Resources"] for n in nodes], autoscaling=_has_autoscaler()))
     return build_dataset(files, spec, counters_actor=counters, keep_provenance=cfg.train.record_instances)
 
 
@@ -593,9 +596,10 @@ def check_cluster(cfg: PretrainConfig) -> None:
     where an autoscaler may still add nodes."""
     if cfg.scaling.resource_check == "skip":
         return
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    resources, labels = [n["Resources"] for n in nodes], [n.get("Labels") or {} for n in nodes]
     try:
-        check_resources(cfg, nodes)
+        check_resources(cfg, resources, labels, data_selector(cfg, labels, resources, autoscaling=_has_autoscaler()))
     except ResourceShortage as exc:
         if cfg.scaling.resource_check == "warn" or _has_autoscaler():
             log.warning("%s\nStarting anyway (scaling.resource_check: %s%s); the batch-wait watchdog reports a "
@@ -652,7 +656,8 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
 
 # Data settings that change how the stream is computed, not what it holds: a resume may change them.
 RESUME_NEUTRAL_DATA = ("read_cpus", "tokenizer_cpus", "tokenizer_actors", "storage_options", "max_unreadable_share",
-                       "max_file_bytes", "eval_corpus", "shuffle_buffer", "preserve_order")
+                       "max_file_bytes", "eval_corpus", "shuffle_buffer", "preserve_order", "node_labels",
+                       "node_labels_fallback")
 
 
 def check_resume_config(cfg: PretrainConfig, saved: RunState | None, where: str) -> None:
@@ -703,7 +708,7 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
     scaling = ray.train.ScalingConfig(
         num_workers=tuple(cfg.scaling.num_workers) if cfg.scaling.elastic else cfg.scaling.max_workers,
         use_gpu=cfg.scaling.use_gpu,
-        resources_per_worker=worker_resources(cfg))
+        resources_per_worker=worker_resources(cfg), label_selector=dict(cfg.scaling.node_labels) or None)
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),

@@ -12,11 +12,15 @@ batch-wait watchdog (`bertray.train.stall`) catches a pipeline that never starts
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from bertray.config import PretrainConfig
 from bertray.errors import ConfigError
+from bertray.labels import describe, matches
+
+log = logging.getLogger(__name__)
 
 
 class ResourceShortage(ConfigError):
@@ -29,6 +33,7 @@ class Demand:
 
     what: str                       # e.g. "Train worker 2 of 2"
     resources: dict[str, float]
+    selector: dict[str, str] = field(default_factory=dict)   # the node labels it needs (Ray's label selector)
 
 
 def worker_resources(cfg: PretrainConfig) -> dict[str, float]:
@@ -38,24 +43,53 @@ def worker_resources(cfg: PretrainConfig) -> dict[str, float]:
             **{k: float(v) for k, v in s.worker_resources.items()}}
 
 
-def run_demands(cfg: PretrainConfig) -> list[Demand]:
+def data_selector(cfg: PretrainConfig, labels: Sequence[Mapping[str, str]],
+                  resources: Sequence[Mapping[str, float]], *, autoscaling: bool = False) -> dict[str, str]:
+    """The label selector the data stages get on a cluster whose live nodes have `labels` (and
+    `resources`): `data.node_labels`, or none when no node with CPUs has them, no autoscaler may
+    add one (Ray's v2 autoscaler starts nodes for a pending label selector) and
+    `data.node_labels_fallback` allows the stages to go elsewhere (said in a warning: a run whose
+    data nodes are gone keeps going on the trainer nodes, slower, instead of waiting for them)."""
+    wanted = dict(cfg.data.node_labels)
+    if not wanted or any(matches(wanted, node) and res.get("CPU", 0) > 0 for node, res in zip(labels, resources)):
+        return wanted
+    if autoscaling:
+        log.info("no data node (%s) is up yet: the autoscaler adds one for the data stages", describe(wanted))
+        return wanted
+    if cfg.data.node_labels_fallback:
+        log.warning("no live node with CPUs has the data labels (%s): the data stages run on any node "
+                    "(data.node_labels_fallback); they go back to data nodes at the next start of the workers",
+                    describe(wanted))
+        return {}
+    return wanted
+
+
+def run_demands(cfg: PretrainConfig, data_labels: Mapping[str, str] | None = None) -> list[Demand]:
     """The least the run needs at once: its Train workers, the tokenizer actors (one when the pool
-    autoscales) and one read task."""
+    autoscales) and one read task, each with the node labels it is placed by (`data_labels`: the
+    data stages' selector, `data.node_labels` unless given)."""
     worker = worker_resources(cfg)
     n = cfg.scaling.min_workers
     actors = max(1, cfg.data.tokenizer_actors)
-    return ([Demand(f"Train worker {i + 1} of {n}", worker) for i in range(n)]
-            + [Demand(f"tokenizer actor {i + 1} of {actors}", {"CPU": cfg.data.tokenizer_cpus}) for i in range(actors)]
-            + [Demand("read task", {"CPU": cfg.data.read_cpus})])
+    on_trainers = dict(cfg.scaling.node_labels)
+    on_data = dict(cfg.data.node_labels if data_labels is None else data_labels)
+    return ([Demand(f"Train worker {i + 1} of {n}", worker, on_trainers) for i in range(n)]
+            + [Demand(f"tokenizer actor {i + 1} of {actors}", {"CPU": cfg.data.tokenizer_cpus}, on_data)
+               for i in range(actors)]
+            + [Demand("read task", {"CPU": cfg.data.read_cpus}, on_data)])
 
 
-def place(demands: Sequence[Demand], nodes: Sequence[Mapping[str, float]]) -> list[Demand]:
-    """First-fit placement of `demands` (in order) on the nodes' total resources; the ones that do not fit."""
+def place(demands: Sequence[Demand], nodes: Sequence[Mapping[str, float]],
+          labels: Sequence[Mapping[str, str]] = ()) -> list[Demand]:
+    """First-fit placement of `demands` (in order) on the nodes' total resources and `labels` (one
+    mapping per node; none given: no labels anywhere); the ones that do not fit."""
     free = [dict(node) for node in nodes]
+    labels = list(labels) or [{} for _ in nodes]
     unplaced = []
     for demand in demands:
-        for node in free:
-            if all(node.get(k, 0.0) >= v - 1e-9 for k, v in demand.resources.items()):
+        for node, node_labels in zip(free, labels):
+            if matches(demand.selector, node_labels) and all(node.get(k, 0.0) >= v - 1e-9
+                                                             for k, v in demand.resources.items()):
                 for k, v in demand.resources.items():
                     node[k] = node.get(k, 0.0) - v
                 break
@@ -68,13 +102,28 @@ def _total(demands: Sequence[Demand], key: str) -> float:
     return sum(d.resources.get(key, 0.0) for d in demands)
 
 
-def check_resources(cfg: PretrainConfig, nodes: Sequence[Mapping[str, float]]) -> None:
+def check_resources(cfg: PretrainConfig, nodes: Sequence[Mapping[str, float]],
+                    labels: Sequence[Mapping[str, str]] = (), data_labels: Mapping[str, str] | None = None) -> None:
     """Raise `ResourceShortage` when the run's minimum cannot be placed on `nodes` (each node's total
-    resources, e.g. {"CPU": 8, "GPU": 1}); the message says what is short and which settings fix it."""
-    demands = run_demands(cfg)
-    unplaced = place(demands, nodes)
+    resources, e.g. {"CPU": 8, "GPU": 1}, and its `labels`); the message says what is short and
+    which settings fix it."""
+    demands = run_demands(cfg, data_labels)
+    unplaced = place(demands, nodes, labels)
     if not unplaced:
         return
+    labelled = [d for d in unplaced if d.selector]
+    if labelled:
+        d = labelled[0]
+        fitting = sum(1 for n in (labels or [{} for _ in nodes]) if matches(d.selector, n))
+        key = "scaling.node_labels" if d.what.startswith("Train") else "data.node_labels"
+        raise ResourceShortage(
+            f"the cluster cannot run this configuration: {d.what} needs a node with the labels {describe(d.selector)} "
+            f"({key}) and {_node_text(d.resources)}; {fitting} live node(s) have those labels"
+            f"{' but not the resources left' if fitting else ''}, and the run would wait forever. Start nodes with "
+            f"those labels (ray start --labels, the node type's labels in the cluster config), or change {key}"
+            + (" (data.node_labels_fallback: true runs the data stages anywhere when no data node is up)"
+               if key == "data.node_labels" and not cfg.data.node_labels_fallback else "")
+            + ". scaling.resource_check: warn starts anyway.")
     s, d = cfg.scaling, cfg.data
     workers = [x for x in demands if x.what.startswith("Train")]
     data = [x for x in demands if not x.what.startswith("Train")]

@@ -550,3 +550,55 @@ def test_every_node_installs_from_the_constraints_file():
         assert all("zstd" in c for c in installs), path          # the docs recommend .zst shards
     docker = (CLUSTERS / "kuberay" / "Dockerfile").read_text()
     assert "-c clusters/constraints.txt" in docker and "zstd" in docker
+
+
+def _cluster_run_config():
+    from bertray.config import PretrainConfig, load_config
+
+    return load_config(PretrainConfig, str(REPO / "flows/configs/bert-base.yaml"), {"data.corpus": ["s3://b/c/"]})
+
+
+def _node_roles(path: pathlib.Path) -> list[tuple[str, dict, bool]]:
+    """(name, Ray node labels, has GPUs) of every node type a cluster file starts."""
+    roles = []
+    for doc in _docs(path):
+        if "available_node_types" in doc:                                         # launcher (AWS, GCP)
+            for name, t in doc["available_node_types"].items():
+                node = t.get("node_config", {})
+                gpu = (bool(t.get("resources", {}).get("GPU")) or "guestAccelerators" in node
+                       or bool(re.match(r"^(a\d|g\d)-\w*gpu", node.get("machineType", "")))      # GCP a3-highgpu-8g
+                       or bool(re.match(r"^[pg]\d+\w*\.", node.get("InstanceType", ""))))          # AWS p4d, g5, ...
+                roles.append((name, t.get("labels", {}), gpu))
+        elif doc.get("provider", {}).get("type") == "local":                       # on-prem: labelled at `ray start`
+            for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+                start = " ".join(doc[key])
+                found = re.search(r"--labels=bertray-role=\$\(nvidia-smi -L >/dev/null 2>&1 && echo (\w+) \|\| echo (\w+)\)",
+                                  start)
+                assert found, f"{_id(path)} {key}: the host must label itself (--labels=bertray-role=...)"
+                roles += [(f"{key} with GPU", {"bertray-role": found.group(1)}, True),
+                          (f"{key} without GPU", {"bertray-role": found.group(2)}, False)]
+        elif str(doc.get("apiVersion", "")).startswith("ray.io/"):                 # KubeRay
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            roles.append(("head", spec["headGroupSpec"].get("labels", {}), False))
+            for g in spec["workerGroupSpecs"]:
+                limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                roles.append((g["groupName"], g.get("labels", {}), int(limits.get("nvidia.com/gpu", 0)) > 0))
+    return roles
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES + KUBERAY_FILES, ids=_id)
+def test_cluster_files_label_their_nodes_as_the_cluster_config_places_by(path):
+    """flows/configs/bert-base.yaml keeps Train workers on nodes labelled as trainers and the data
+    stages on data nodes: every cluster file must start GPU nodes that match the first and only
+    CPU nodes that match the second, or the run would be refused (or wait) on that cluster."""
+    from bertray.labels import matches
+
+    cfg = _cluster_run_config()
+    assert cfg.scaling.node_labels and cfg.data.node_labels
+    roles = _node_roles(path)
+    assert roles, _id(path)
+    for name, labels, gpu in roles:
+        trains, feeds = matches(cfg.scaling.node_labels, labels), matches(cfg.data.node_labels, labels)
+        assert not (trains and feeds), f"{_id(path)} {name}: {labels} is both a trainer and a data node"
+        assert trains == gpu, f"{_id(path)} {name}: labels {labels}, GPUs {gpu}: only GPU nodes may train"
+    assert any(matches(cfg.data.node_labels, labels) for _, labels, _ in roles), f"{_id(path)}: no data node type"

@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent('''
         latest = output / "elastic" / "latest"
         while not (latest.exists() and latest.read_text().strip() >= "checkpoint_00000008"):
             time.sleep(0.1)
-        workers = [a for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        workers = [a for a in ray.util.state.list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
                    if "RayTrainWorker" in a.class_name]
         doomed = next(n for n in nodes if n.node_id in {w.node_id for w in workers})
         cluster.remove_node(doomed)

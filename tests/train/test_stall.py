@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from bertray.config import PretrainConfig, from_mapping
-from bertray.train.resources import ResourceShortage, check_resources, place, run_demands
+from bertray.train.resources import ResourceShortage, check_resources, data_selector, place, run_demands
 from bertray.train.stall import BatchWatchdog, DataStall
 
 
@@ -74,6 +74,36 @@ def test_gpu_workers_need_gpu_nodes_and_data_runs_on_cpu_nodes():
 def test_an_autoscaling_pool_needs_only_its_first_actor():
     cfg = config(data={"tokenizer_actors": 0, "tokenizer_cpus": 1.0})
     assert [d.what for d in run_demands(cfg)] == ["Train worker 1 of 1", "tokenizer actor 1 of 1", "read task"]
+
+
+def test_labels_keep_the_data_stages_on_data_nodes_and_the_workers_on_trainer_nodes():
+    """The check places by the same selectors Ray schedules by: a data node whose CPUs the tokenizer
+    actor needs cannot lend them to a Train worker, and a missing label is named with its setting."""
+    cfg = config(scaling={"node_labels": {"bertray-role": "trainer"}, "cpus_per_worker": 1},
+                 data={"node_labels": {"bertray-role": "data"}, "node_labels_fallback": False, "tokenizer_cpus": 1})
+    nodes = [{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 2.0}]
+    labels = [{}, {"bertray-role": "trainer"}, {"bertray-role": "data"}]
+    assert place(run_demands(cfg), nodes, labels) == []
+    with pytest.raises(ResourceShortage, match=r"Train worker 1 of 1 needs a node with the labels bertray-role=trainer "
+                                               r"\(scaling.node_labels\).*1 live node\(s\) have those labels but not"):
+        check_resources(cfg, [{"CPU": 0.0}, {"CPU": 0.5}, {"CPU": 8.0}], labels)   # CPUs only where data may run
+    with pytest.raises(ResourceShortage, match=r"tokenizer actor 1 of 1 .*bertray-role=data \(data.node_labels\).*"
+                                               r"0 live node\(s\).*node_labels_fallback: true"):
+        check_resources(cfg, nodes, [{}, {"bertray-role": "trainer"}, {"bertray-role": "spare"}])
+
+
+def test_without_live_data_nodes_the_stages_fall_back_to_any_node_when_allowed(caplog):
+    cfg = config(data={"node_labels": {"bertray-role": "data"}})
+    resources = [{"CPU": 0.0}, {"CPU": 4.0}, {"CPU": 2.0}]
+    assert data_selector(cfg, [{}, {"bertray-role": "trainer"}, {"bertray-role": "data"}], resources) == {
+        "bertray-role": "data"}
+    assert not caplog.records
+    # the data node is gone (or up without CPUs): anywhere, and said
+    assert data_selector(cfg, [{}, {"bertray-role": "trainer"}], resources[:2]) == {}
+    assert "no live node with CPUs has the data labels (bertray-role=data)" in caplog.text
+    strict = config(data={"node_labels": {"bertray-role": "data"}, "node_labels_fallback": False})
+    assert data_selector(strict, [{}, {"bertray-role": "trainer"}], resources[:2]) == {"bertray-role": "data"}
+    check_resources(cfg, resources[:2], [{}, {"bertray-role": "trainer"}], data_selector(cfg, [{}, {}], resources[:2]))
 
 
 # --------------------------------------------------------------------------------------------
