@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -32,6 +33,31 @@ def config_from_args(cls: type[T], args: argparse.Namespace, shorthands: Mapping
                  if k.startswith(_PREFIX) and v is not None}
     overrides.update({k: v for k, v in (shorthands or {}).items() if v is not None})
     return load_config(cls, getattr(args, "config", None), overrides)
+
+
+def add_flat_options(parser: argparse.ArgumentParser, cls: type, *, required: tuple[str, ...] = (),
+                     hidden: tuple[str, ...] = ()) -> None:
+    """One `--field-name` flag per field of a flat config dataclass (the tools that use a saved
+    model: predict, serve): tuples take several values, booleans `--x/--no-x`, the rest are typed
+    by the field; a flag left out keeps the dataclass default (`flat_values`)."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        kwargs = dict(dest=field.name, help=argparse.SUPPRESS if field.name in hidden else help_of(field))
+        if typing.get_origin(tp) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(tp)[0])
+        elif tp is bool or tp == (bool | None):
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kwargs.update(type={int: int, float: float, int | None: int, float | None: float}.get(tp, str))
+        if field.name in required:
+            kwargs["required"] = True
+        parser.add_argument("--" + field.name.replace("_", "-"), **kwargs)
+
+
+def flat_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` given on the command line (`add_flat_options`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 
 
 def repo_path(value: Any) -> Any:

@@ -296,7 +296,7 @@ class BertConfig:
         if out["id2label"] is None:
             out.pop("id2label")
         else:
-            out["label2id"] = {v: k for k, v in out["id2label"].items()}
+            out["label2id"] = {v: int(k) for k, v in out["id2label"].items()}   # transformers keeps ids as given
         out.update(model_type="bert", position_embedding_type="absolute", tie_word_embeddings=True)
         return out
 

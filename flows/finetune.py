@@ -16,7 +16,9 @@ script joins the job's cluster; otherwise it starts a local Ray.
 
 Writes <output>/results.md (the paper's table layout + the winning grid points + failed trials),
 results.csv and results.json (every trial), predictions/ (the winners' prediction files: dev
-predictions, GLUE test submissions, SQuAD predictions.json, CoNLL dev/test tags) and tune/ (Tune's
+predictions, GLUE test submissions, SQuAD predictions.json, CoNLL dev/test tags), models/ (the
+winners' fine-tuned models in the Hugging Face layout, models/<row>/<task>/, which
+transformers' AutoModelFor... classes load; --save-models all|winners|none) and tune/ (Tune's
 trial directories).
 """
 
@@ -147,10 +149,12 @@ def main(argv=None) -> int:
         print(f"  results.{kind:<5} {path}")
     for (row, task), folder in sweep.predictions.items():
         print(f"  predictions  {task:<10} {folder}")
+    for (row, task), folder in sweep.models.items():
+        print(f"  model        {task:<10} {folder}")
     if args.json:
         summary = {"files": sweep.files, "experiment": sweep.experiment, "elapsed_s": round(sweep.elapsed_s, 1),
                    "trials": len(sweep.records), "failed": len(failed),
-                   "best": [{"row": row, "task": task, "config": r.config, "score": r.score}
+                   "best": [{"row": row, "task": task, "config": r.config, "score": r.score, "model": r.model}
                             for (row, task), r in sweep.best.items()]}
         Path(args.json).write_text(json.dumps(summary, indent=2))
     unfinished = {(r.row, r.task) for r in sweep.records} - set(sweep.best)

@@ -10,13 +10,14 @@ only work here is the set of rules that lets one layout load into another model 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -113,18 +114,26 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def save_state_dict(path: str | os.PathLike, config: BertConfig, tensors: Mapping[str, torch.Tensor],
-                    architectures: list[str]) -> None:
+                    architectures: list[str], extra_config: Mapping[str, Any] | None = None) -> None:
     """Write `config.json` and `model.safetensors` into `path` (created if needed).
 
     Tied duplicates (`TIED_KEYS`) are left out. Each file is written under a temporary name and
     renamed, so a crash mid-write never leaves a truncated checkpoint under the real name.
+    `extra_config` adds keys to `config.json` that describe the model's use rather than its
+    architecture (`problem_type`, `finetuning_task`, ...): `transformers` reads them, bertray's
+    `BertConfig` ignores them when loading.
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     out = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()
            if not (name in TIED_KEYS and TIED_KEYS[name] in tensors)}
     _atomic_write(folder / SAFETENSORS_NAME, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: config.to_json_file(tmp, architectures=architectures))
+    if not extra_config:
+        _atomic_write(folder / CONFIG_NAME, lambda tmp: config.to_json_file(tmp, architectures=architectures))
+        return
+    data = {**config.to_dict(), "architectures": architectures, **extra_config}
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True)
+                                                                          + "\n", encoding="utf-8"))
 
 
 def _atomic_write(target: Path, write) -> None:

@@ -9,13 +9,16 @@ the paper's fine-tuning is single-device):
                      concurrently as far as the cluster's resources (and max_concurrent_trials) allow
     reports          `tune.report` after every epoch: `score` (the task's primary dev metric, which
                      selection and ASHA use, mode max), `epoch`, `train_loss`, every `{split}_{metric}`;
-                     the last epoch's report carries the trial's prediction files as its checkpoint
+                     the last epoch's report carries the trial's prediction files and (unless
+                     save_models is none) its model as its checkpoint
     tuners           one Tuner runs every trial; with `scheduler: asha`, one Tuner per (checkpoint, task),
                      run one after another, so that ASHA compares only trials of the same task and row
                      (CoLA's Matthews correlation is no SST-2 accuracy, random init no pretrained start)
     failures         `FailureConfig(max_failures=N)` reruns a failed trial from scratch; a trial that
                      still fails is listed as FAILED with its error in every results file
     selection        per (checkpoint, task) the trial with the best `score` (`results.select_best`)
+    models           the winner's model in the Hugging Face layout at <output>/models/<row>/<task>/
+                     (`save_models`; `bertray.tune.saved_models` says which models survive, and when)
 
 Checkpoints reach the trials as follows: the driver resolves `--init-from` (a run directory or its
 `latest` file becomes the newest checkpoint's URL) and checks that it exists; every trial then
@@ -23,7 +26,7 @@ opens the URL itself. An object-storage URL (s3://, gs://, ...) is downloaded by
 on each node into a node-local cache (model and tokenizer files only), which the node's later
 trials reuse. A local path is used in place, so on a multi-node cluster it must be visible at the
 same path on every node (shared file system); otherwise put the checkpoint in object storage.
-The same holds for `--data`. Prediction files travel back as Tune checkpoints under
+The same holds for `--data`. Prediction files and models travel back as Tune checkpoints under
 `<output>/tune/`, which therefore must be shared storage on multi-node clusters (as Ray requires).
 """
 
@@ -33,6 +36,7 @@ import dataclasses
 import logging
 import math
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ from bertray.errors import CheckpointError, ConfigError, TaskDataError
 from bertray.tasks.registry import TaskSpec, resolve_tasks
 from bertray.train.checkpoints import resolve_checkpoint
 from bertray.tune import results as tables
+from bertray.tune import saved_models
 from bertray.tune.results import FAILED, OK, STOPPED, TrialRecord
 from bertray.tune.trainer import TrialConfig
 
@@ -99,6 +104,10 @@ class FinetuneConfig:
                                       "(null: <output>/cache when output is local, else a temp folder)")
     predictions: bool = doc(True, "write prediction files (dev predictions, GLUE test submissions, SQuAD "
                                   "predictions.json) and copy the winners' to <output>/predictions/")
+    save_models: Literal["none", "winners", "all"] = doc(
+        "winners", "fine-tuned models to keep, in the Hugging Face layout with a model card: winners, per "
+                   "(checkpoint, task) the winning trial's at <output>/models/<row>/<task>/; all, also every "
+                   "trial's at <output>/models/<row>/<task>/trials/<trial id>/; none")
     fail_trials: tuple[str, ...] = doc((), "fault injection for tests: trials of TASK or TASK@LR raise")
 
     def __post_init__(self) -> None:
@@ -118,6 +127,8 @@ class FinetuneConfig:
         check(self.max_concurrent_trials >= 0, "max_concurrent_trials",
               f"must be >= 0, got {self.max_concurrent_trials}")
         check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        check(self.save_models in saved_models.SAVE_MODES, "save_models",
+              f"choose one of {', '.join(saved_models.SAVE_MODES)}, got {self.save_models!r}")
         check(bool(self.name) and "/" not in self.name, "name",
               f"must be a non-empty name without '/', got {self.name!r}")
         for entry in self.fail_trials:
@@ -135,7 +146,7 @@ class FinetuneConfig:
     def _trial_settings(self) -> dict[str, Any]:
         keys = ("max_seq_len", "max_train_examples", "max_eval_examples", "warmup_proportion", "weight_decay",
                 "dropout", "adam_eps", "clip_grad_norm", "precision", "eval_batch_size", "predictions")
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, "save_model": self.save_models != "none"}
 
     def grid(self, spec: TaskSpec) -> list[dict[str, Any]]:
         """The task's grid points (lr, batch size, epochs) with the overrides applied, times the seeds."""
@@ -283,6 +294,7 @@ class SweepResult:
     best: dict[tuple[str, str], TrialRecord]
     files: dict[str, str]                    # results.md/.csv/.json URLs
     predictions: dict[tuple[str, str], str]  # (row, task) -> the winner's predictions folder
+    models: dict[tuple[str, str], str]       # (row, task) -> the winner's model folder (Hugging Face layout)
     markdown: str
     experiment: str                          # Tune's experiment directory
     resources: dict[str, float]
@@ -333,8 +345,35 @@ def _groups(trials: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict
     return groups
 
 
+def _model_pruner(output: str) -> Any:
+    """A Tune callback that deletes, as trials finish, the saved models that can no longer win
+    (`saved_models.RunningBest`), so that a sweep holds about one model per (row, task) plus the
+    running trials' instead of one per trial. Runs on the driver; never fails the sweep."""
+    from ray.tune import Callback
+
+    fs, _ = fsspec.core.url_to_fs(output)
+    running = saved_models.RunningBest()
+
+    class PruneModels(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            job = (trial.config or {}).get("job") or {}
+            group = (job.get("row", "?"), (job.get("trial") or {}).get("task", "?"))
+            score = (trial.last_result or {}).get("score")
+            score = float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
+            checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
+            for path in running.offer(group, score, checkpoint):
+                try:
+                    fs.invalidate_cache()
+                    if saved_models.drop_model(fs, path):
+                        log.info("%s / %s: deleted the model of a trial that can no longer win (%s)", *group, path)
+                except OSError as exc:            # the final pass (keep_models) tries again
+                    log.warning("%s / %s: could not delete the model in %s: %s", *group, path, exc)
+
+    return PruneModels()
+
+
 def _fit(cfg: FinetuneConfig, trials: Sequence[dict[str, Any]], resources: dict[str, float], storage_path: str,
-         storage_fs: Any, name: str, verbose: int) -> Any:
+         storage_fs: Any, name: str, verbose: int, callbacks: Sequence[Any] = ()) -> Any:
     """Build and fit one Tuner over `trials` (a fresh ASHA scheduler with `scheduler: asha`); the ResultGrid."""
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
@@ -349,7 +388,7 @@ def _fit(cfg: FinetuneConfig, trials: Sequence[dict[str, Any]], resources: dict[
                                     trial_dirname_creator=lambda t: f"{t.config['job']['trial']['task']}_{t.trial_id}"),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                  verbose=verbose),
+                                  callbacks=list(callbacks), verbose=verbose),
     )
     return tuner.fit()
 
@@ -373,17 +412,20 @@ def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tunin
     log.info("%d trials (%s), %s per trial, experiment %s", len(trials), ", ".join(s.name for s in specs),
              resources, experiment)
 
+    callbacks = [_model_pruner(output)] if cfg.save_models == "winners" else []
     results: list[Any] = []
     if cfg.scheduler != "asha":     # one Tuner, every trial concurrent as resources allow
-        results.extend(_fit(cfg, trials, resources, storage_path, storage_fs, experiment, verbose))
+        results.extend(_fit(cfg, trials, resources, storage_path, storage_fs, experiment, verbose, callbacks))
     else:                           # one Tuner per (row, task) in turn, at <experiment>/<i>-<row>-<task>/
         groups = _groups(trials)
         for i, ((row, task), members) in enumerate(groups.items(), 1):
             log.info("asha group %d/%d: %s / %s, %d trials", i, len(groups), row, task, len(members))
             results.extend(_fit(cfg, members, resources, f"{storage_path}/{experiment}", storage_fs,
-                                f"{i}-{tables.slug(row)}-{task}", verbose))
+                                f"{i}-{tables.slug(row)}-{task}", verbose, callbacks))
 
     records = []
+    checkpoints: dict[str, str | None] = {}
+    settings: dict[str, dict[str, Any]] = {}
     for result in results:
         job = (result.config or {}).get("job") or {}
         trial = job.get("trial", {})
@@ -396,6 +438,8 @@ def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tunin
             config={k: trial.get(k) for k in tables.GRID_KEYS}, metrics=metrics, error=_error_text(result.error),
             predictions=result.checkpoint.path if result.checkpoint is not None else None,
             failures=_failed_attempts(result)))
+        checkpoints[records[-1].trial_id] = records[-1].predictions
+        settings[records[-1].trial_id] = trial
     row_order = {row.label: i for i, row in enumerate(rows)}
     task_order = {spec.name: i for i, spec in enumerate(specs)}
     records.sort(key=lambda r: (row_order.get(r.row, len(rows)), task_order.get(r.task, len(specs)),
@@ -404,11 +448,12 @@ def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tunin
     predictions = _collect_predictions(best, results, output, single_row=len(rows) == 1) if cfg.predictions else {}
     for key, folder in predictions.items():
         best[key].predictions = folder
+    models = saved_models.keep_models(output, cfg.save_models, records, best, checkpoints, settings)
     setting = {**to_mapping(cfg), "rows": [dataclasses.asdict(r) for r in rows], "resources_per_trial": resources,
                "experiment": f"{storage_path}/{experiment}"}
     notes = [_setting_note(cfg, rows, specs, resources, len(trials))]
     files = tables.write_results(records, output, setting=setting, title=title, notes=notes)
-    return SweepResult(records=records, best=best, files=files, predictions=predictions,
+    return SweepResult(records=records, best=best, files=files, predictions=predictions, models=models,
                        markdown=tables.markdown(records, title=title, notes=notes),
                        experiment=f"{storage_path}/{experiment}", resources=resources,
                        elapsed_s=time.perf_counter() - started)
@@ -420,24 +465,26 @@ _TUNE_KEYS = frozenset({"timestamp", "time_this_iter_s", "time_total_s", "pid", 
 
 def _collect_predictions(best: dict[tuple[str, str], TrialRecord], results: Sequence[Any], output: str, *,
                          single_row: bool) -> dict[tuple[str, str], str]:
-    """Copy each winner's prediction files (its Tune checkpoint) to <output>/predictions/[<row>/]<task>/;
-    `results` are the Tune results of all the sweep's Tuners (trial ids are unique across them)."""
+    """Copy each winner's prediction files (the files at the top of its Tune checkpoint, which
+    lives on the output's file system; its model/ is left to `saved_models`) to
+    <output>/predictions/[<row>/]<task>/; `results` are the Tune results of all the sweep's Tuners
+    (trial ids are unique across them)."""
     by_id = {str((r.metrics or {}).get("trial_id", "")): r for r in results}
     out = {}
     fs, root = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache()                 # the trials wrote through other processes' clients
     for (row, task), record in best.items():
         result = by_id.get(record.trial_id)
         if result is None or result.checkpoint is None:
             continue
         folder = f"{root.rstrip('/')}/predictions/" + (task if single_row else f"{tables.slug(row)}/{task}")
-        with tempfile.TemporaryDirectory() as tmp:
-            local = result.checkpoint.to_directory(os.path.join(tmp, "files"))
-            if fs.exists(folder):
-                fs.rm(folder, recursive=True)
-            fs.makedirs(folder, exist_ok=True)
-            for name in sorted(os.listdir(local)):
-                if os.path.isfile(os.path.join(local, name)) and not name.startswith("."):
-                    fs.put_file(os.path.join(local, name), f"{folder}/{name}")
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+        fs.makedirs(folder, exist_ok=True)
+        for info in sorted(fs.ls(result.checkpoint.path, detail=True), key=lambda i: i["name"]):
+            name = posixpath.basename(info["name"].rstrip("/"))
+            if info["type"] == "file" and not name.startswith("."):
+                fs.copy(info["name"], f"{folder}/{name}")
         out[(row, task)] = fs.unstrip_protocol(folder) if not _is_local(output) else folder
     return out
 

@@ -45,6 +45,7 @@ class TrialRecord:
     error: str | None = None
     predictions: str | None = None       # where the trial's prediction files are (its Tune checkpoint)
     failures: int = 0                    # attempts that raised (Tune reran the trial after each, up to max_failures)
+    model: str | None = None             # where the sweep kept the trial's model (bertray.tune.saved_models)
 
     @property
     def score(self) -> float | None:
@@ -258,7 +259,7 @@ def to_json(records: Sequence[TrialRecord], setting: Mapping[str, Any] | None = 
     data = {
         "setting": dict(setting or {}),
         "best": [{"row": row, "task": task, "trial_id": r.trial_id, "config": r.config,
-                  "score": r.score, "metrics": _clean(r.metrics)} for (row, task), r in best.items()],
+                  "score": r.score, "metrics": _clean(r.metrics), "model": r.model} for (row, task), r in best.items()],
         "seed_means": seed_means(records),
         "trials": [{**asdict(r), "metrics": _clean(r.metrics)} for r in records],
     }

@@ -11,9 +11,10 @@ table (`bertray.tasks.registry`):
                 every labelled dev split is scored with the task's official metrics
 
 `finetune(TrialConfig(...), report=...)` calls `report(metrics, files)` after every epoch; `files`
-is a directory with the epoch's prediction files on the last epoch (None before), which the Ray
-Tune trial attaches to its final report as a checkpoint so that the driver can collect the winner's
-predictions from any node. Tests and benchmarks call it directly.
+is a directory with the epoch's prediction files on the last epoch (None before), and with
+`save_model` the fine-tuned model in the Hugging Face layout under `model/` (`bertray.tune.export`).
+The Ray Tune trial attaches it to its final report as a checkpoint so that the driver can collect
+the winner's predictions and model from any node. Tests and benchmarks call it directly.
 
 Speed-only settings (they do not change the result beyond float rounding): each batch is cut to
 its longest real sequence (trailing padding carries no information under the attention mask, the
@@ -46,6 +47,7 @@ import torch
 from bertray.config import BertConfig, check
 from bertray.errors import CheckpointError, TaskDataError
 from bertray.tasks.registry import TASKS, TaskSpec
+from bertray.tune import export
 from bertray.train.batches import attention_inputs, to_device
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 from bertray.train.step import PRECISIONS, TrainStep, autocast, task_loss
@@ -55,6 +57,8 @@ log = logging.getLogger("bertray.tune")
 Report = Callable[[dict[str, Any], "str | None"], None]
 
 FEATURE_CACHE_VERSION = 1
+# The folder of the fine-tuned model inside the last epoch's files (with `save_model`).
+MODEL_DIR = "model"
 # The files a fine-tuning run needs from a checkpoint directory; training state (optimizer
 # moments: twice the model) stays behind.
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json",
@@ -90,7 +94,8 @@ class TrialConfig:
     threads: int = 0                     # torch intra-op threads on CPU (0: leave torch's default)
     cache_dir: str | None = None         # feature and checkpoint cache (local); None: a temp folder
     predictions: bool = True             # write prediction files on the last epoch
-    save_model: bool = False             # also put the fine-tuned model into the files of the last epoch
+    save_model: bool = False             # also put the fine-tuned model (Hugging Face layout, bertray.tune.export)
+                                         # into the files of the last epoch, under model/
     fail: bool = False                   # fault injection: raise InjectedFault before training
 
     def __post_init__(self) -> None:
@@ -448,8 +453,8 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
                     write_predictions(spec, s, outputs[s.split], files,
                                       tau=taus.get(s.split, taus.get(spec.dev_splits[0])))
             if cfg.save_model:
-                model.save_pretrained(Path(files) / "model")
-                wordpiece.save(tokenizer, Path(files) / "model")
+                folder = export.save_model(model, tokenizer, spec, Path(files) / MODEL_DIR, max_seq_len=max_seq_len)
+                export.write_card(folder, export.model_card(spec, dataclasses.asdict(cfg), metrics))
             with open(Path(files) / "metrics.json", "w", encoding="utf-8") as f:
                 json.dump({"trial": dataclasses.asdict(cfg), "history": history}, f, indent=2)
         if report is not None:

@@ -123,6 +123,29 @@ def test_task_heads_round_trip_with_transformers(tmp_path, cls, hf_name, id2labe
         torch.testing.assert_close(task_logits(back, False, ids, types, mask), expected, atol=1e-5, rtol=0)
 
 
+def test_extra_config_keys_reach_transformers_and_bertray_ignores_them(tmp_path):
+    """What a head predicts (`problem_type`, `num_labels`, ...) goes into config.json beside the
+    architecture: transformers builds a one-output regression head from it; bertray loads the same
+    folder into an equal model."""
+    torch.manual_seed(0)
+    ours = BertForSequenceClassification(small(id2label={0: "score"})).eval()
+    hf_format.save_state_dict(tmp_path, ours.config, ours.state_dict(), ["BertForSequenceClassification"],
+                              extra_config={"problem_type": "regression", "num_labels": 1, "finetuning_task": "stsb"})
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["problem_type"] == "regression" and written["architectures"] == ["BertForSequenceClassification"]
+    assert written["hidden_size"] == 64 and written["model_type"] == "bert"
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert theirs.config.problem_type == "regression" and theirs.num_labels == 1
+    back = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert back.config == ours.config
+    ids, types, mask = batch()
+    with torch.no_grad():
+        expected = ours(ids, types, mask).logits
+        torch.testing.assert_close(theirs(input_ids=ids, token_type_ids=types, attention_mask=mask).logits, expected,
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(back(ids, types, mask).logits, expected, atol=0, rtol=0)
+
+
 def test_save_then_load_is_bitwise_equal(tmp_path):
     torch.manual_seed(0)
     model = BertForPreTraining(small())
