@@ -3,10 +3,9 @@ machine, the shape of the cluster files: a head with no CPUs, one trainer node w
 resource `fake_gpu` stands in for a GPU, two CPU-only data nodes; labelled as `ray_cluster.yaml`
 labels them and placed by `data.node_labels` / `scaling.node_labels`).
 
-- the data node that holds the tokenizer actor, and with it the blocks in its object store that
-  the trainer has not fetched yet, is removed mid-run; later the second data node too, so no data
-  node is left: the run finishes, the stream goes on elsewhere and says so, and (data position in
-  every checkpoint) no instance is skipped or trained twice;
+- the data node that runs the tokenizer actor is removed as the stream starts, then the second
+  data node too, so no data node is left: the run finishes, the stream goes on elsewhere and says
+  so, and (data position in every checkpoint) no instance is skipped or trained twice;
 - the trainer node is removed and a new one added: training resumes on the new node from the
   newest checkpoint, losing at most the steps since it; the tokenizer actors and read tasks ran
   only on data nodes, the Train workers only on trainer nodes (read from Ray's state API).
