@@ -56,8 +56,19 @@ def add_flat_options(parser: argparse.ArgumentParser, cls: type, *, required: tu
 
 
 def flat_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The fields of `cls` given on the command line (`add_flat_options`)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    """The fields of `cls` given on the command line (`add_flat_options`); several values as a tuple."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def start_ray(address: str | None, num_cpus: int | None, *, log_to_driver: bool = True) -> None:
+    """Join the cluster at `address` (inside `ray job submit`: the job's own) or start a local Ray
+    with `num_cpus`; nothing when this process already runs Ray (tests, notebooks)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus if not address else None, log_to_driver=log_to_driver,
+                 configure_logging=False)
 
 
 def repo_path(value: Any) -> Any:

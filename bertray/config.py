@@ -314,10 +314,12 @@ class BertConfig:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
-    def to_json_file(self, path: str | os.PathLike, *, architectures: list[str] | None = None) -> None:
+    def to_json_file(self, path: str | os.PathLike, *, architectures: list[str] | None = None,
+                     extra: Mapping[str, Any] | None = None) -> None:
         data = self.to_dict()
         if architectures:
             data["architectures"] = architectures
+        data.update(extra or {})
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")

@@ -105,7 +105,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.cli import repo_path
+    from bertray.cli import repo_path, start_ray
     from bertray.errors import BertrayError
     from bertray.tune.finetune import load_config
 
@@ -118,8 +118,6 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import ray
-
     from bertray.tasks.registry import resolve_tasks
     from bertray.tune.finetune import check_data, resolve_rows, run_sweep
 
@@ -130,9 +128,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
-                 log_to_driver=not args.quiet, configure_logging=False)
+    start_ray(args.address, args.num_cpus, log_to_driver=not args.quiet)
     print(f"bertray fine-tuning: {', '.join(r.label for r in rows)} on {cfg.tasks} from {cfg.data} "
           f"(config {config}) -> {cfg.output}",
           flush=True)

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.cli import flat_values
+    from bertray.cli import flat_values, start_ray
     from bertray.errors import BertrayError
     from bertray.predict.job import PredictConfig, run_prediction
     from bertray.storage import absolute_url
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     if "embeddings" in values and values["embeddings"] in ("none", "null"):
         values["embeddings"] = None
     try:
-        cfg = PredictConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        cfg = PredictConfig(**values)
         # Actors run in working directories of their own: local paths are made absolute here.
         cfg = dataclasses.replace(cfg, model=absolute_url(cfg.model), output=absolute_url(cfg.output),
                                   input=tuple(absolute_url(u) for u in cfg.input))
@@ -58,11 +58,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
-                 configure_logging=False)
+    start_ray(args.address, args.num_cpus)
     try:
         summary = run_prediction(cfg)
     except BertrayError as exc:

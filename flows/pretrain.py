@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.cli import config_from_args, with_repo_paths
+    from bertray.cli import config_from_args, start_ray, with_repo_paths
     from bertray.config import PretrainConfig
     from bertray.errors import BertrayError
 
@@ -69,9 +69,7 @@ def main(argv=None) -> int:
     # The dashboard's Train view lists runs only when the driver tracks their state.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     started = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
-                 log_to_driver=True, configure_logging=False)
+    start_ray(args.address, args.num_cpus)
     print(f"bertray pretraining: run {cfg.run.name!r} -> {cfg.run.output}, model {cfg.model.preset}, "
           f"objective {cfg.data.objective}, {cfg.train.max_steps} steps, {_workers(cfg.scaling)} worker(s)",
           flush=True)

@@ -60,7 +60,7 @@ def deployment_options(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.cli import flat_values
+    from bertray.cli import flat_values, start_ray
     from bertray.errors import BertrayError
     from bertray.serve.settings import ServeSettings
     from bertray.storage import absolute_url
@@ -72,14 +72,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import ray
     from ray import serve
 
     from bertray.serve.app import Predictor
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus if not args.address else None,
-                 configure_logging=False)
+    start_ray(args.address, args.num_cpus)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = Predictor.options(**deployment_options(args)).bind(settings.to_args())
     serve.run(app, name=args.name, route_prefix="/")

@@ -10,7 +10,6 @@ only work here is the set of rules that lets one layout load into another model 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -128,12 +127,8 @@ def save_state_dict(path: str | os.PathLike, config: BertConfig, tensors: Mappin
     out = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()
            if not (name in TIED_KEYS and TIED_KEYS[name] in tensors)}
     _atomic_write(folder / SAFETENSORS_NAME, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
-    if not extra_config:
-        _atomic_write(folder / CONFIG_NAME, lambda tmp: config.to_json_file(tmp, architectures=architectures))
-        return
-    data = {**config.to_dict(), "architectures": architectures, **extra_config}
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True)
-                                                                          + "\n", encoding="utf-8"))
+    _atomic_write(folder / CONFIG_NAME,
+                  lambda tmp: config.to_json_file(tmp, architectures=architectures, extra=extra_config))
 
 
 def _atomic_write(target: Path, write) -> None:

@@ -206,7 +206,7 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     from bertray.data.sources import resolve_corpus
     from bertray.predict.model import read_head
     from bertray.storage import join_url, write_text
-    from bertray.tune.trainer import local_checkpoint
+    from bertray.train.checkpoints import local_checkpoint
 
     started = time.perf_counter()
     _, kind, _ = read_head(local_checkpoint(cfg.model, cfg.cache_dir))

@@ -86,7 +86,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     128 for classification, 384 for question answering, never above the model's positions)."""
     from bertray import tokenizer as wordpiece
     from bertray.model import heads
-    from bertray.tune.trainer import local_checkpoint
+    from bertray.train.checkpoints import local_checkpoint
 
     if threads:
         torch.set_num_threads(threads)

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,10 +44,11 @@ import numpy as np
 import torch
 
 from bertray.config import BertConfig, check
-from bertray.errors import CheckpointError, TaskDataError
+from bertray.errors import TaskDataError
 from bertray.tasks.registry import TASKS, TaskSpec
 from bertray.tune import export
 from bertray.train.batches import attention_inputs, to_device
+from bertray.train.checkpoints import cache_root, local_checkpoint
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 from bertray.train.step import PRECISIONS, TrainStep, autocast, task_loss
 
@@ -59,10 +59,6 @@ Report = Callable[[dict[str, Any], "str | None"], None]
 FEATURE_CACHE_VERSION = 1
 # The folder of the fine-tuned model inside the last epoch's files (with `save_model`).
 MODEL_DIR = "model"
-# The files a fine-tuning run needs from a checkpoint directory; training state (optimizer
-# moments: twice the model) stays behind.
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json",
-                    "tokenizer_config.json")
 
 
 class InjectedFault(RuntimeError):
@@ -137,56 +133,6 @@ class TrialOutcome:
 # Checkpoints and data
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bertray-cache"
-
-
-def local_checkpoint(url: str, cache_dir: str | None = None) -> Path:
-    """A local directory holding the checkpoint at `url`.
-
-    Local paths are used in place. A remote URL (s3://, gs://, ...) is downloaded once per machine
-    into `<cache>/checkpoints/<hash of url>`: into a temporary folder first, then renamed, so
-    trials starting together on one node never see a half-written copy (the loser of the race
-    uses the winner's folder). Only the model and tokenizer files are fetched.
-    """
-    if _is_local(url):
-        path = Path(url.removeprefix("file://"))
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: no config.json here; pass a checkpoint directory in the Hugging Face "
-                                  f"layout (on a multi-node cluster a local path must exist on every node; "
-                                  f"put checkpoints in object storage, s3://...)")
-        return path
-    target = _cache_root(cache_dir) / "checkpoints" / hashlib.sha1(url.encode()).hexdigest()[:16]
-    if (target / "config.json").is_file():
-        return target
-    fs, root = fsspec.core.url_to_fs(url)
-    try:
-        names = {os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
-    except FileNotFoundError:
-        names = set()
-    if "config.json" not in names:
-        raise CheckpointError(f"{url}: no config.json there; pass a checkpoint directory in the Hugging Face layout")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        for name in CHECKPOINT_FILES:
-            if name in names:
-                fs.get(f"{root.rstrip('/')}/{name}", str(staging / name))
-        try:
-            os.rename(staging, target)
-        except OSError:                   # another trial on this machine finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("checkpoint %s -> %s", url, target)
-    return target
-
-
 _MEMORY: dict[str, tuple[list, dict[str, np.ndarray]]] = {}
 
 
@@ -219,7 +165,7 @@ def load_split(spec: TaskSpec, root: str, split: str, tokenizer, max_seq_len: in
         examples, features = _MEMORY[key]
         if examples is not None or not need_examples:
             return examples, features
-    disk = _cache_root(cache_dir) / "features" / f"{spec.name}-{split}-{key}.npz"
+    disk = cache_root(cache_dir) / "features" / f"{spec.name}-{split}-{key}.npz"
     examples = features = None
     if need_examples or not disk.is_file():
         examples, _ = spec.read(root, split)
@@ -525,4 +471,4 @@ def _write_tsv(path: str, rows: Sequence[Sequence[str]]) -> str:
 
 
 __all__ = ["TrialConfig", "TrialOutcome", "InjectedFault", "finetune", "build_model", "head_class", "predict",
-           "make_batch", "load_split", "local_checkpoint", "write_predictions", "flat_metrics"]
+           "make_batch", "load_split", "write_predictions", "flat_metrics"]
