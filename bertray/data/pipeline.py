@@ -4,9 +4,10 @@ The only module that knows Ray Data. Every stage is a pure function from `docume
 and `masking.py`; this file decides where each runs (read tasks, then an actor pool that tokenizes,
 pairs and masks), with how many CPUs, and how randomness is keyed.
 
-Passes over the corpus are part of the dataset itself: read tasks are units, (pass, group of files),
-so a trainer consumes one long stream and every pass draws new NSP pairs and masks (dynamic
-masking) from a seed derived from (run seed, generation, pass, file, document). Every row carries
+Passes over the corpus are part of the dataset itself: the stream is a sequence of units, (pass,
+group of files), each read by a task of its own and listed by one small task per pass
+(`CorpusDatasource`), so a trainer consumes one long stream and every pass draws new NSP pairs and
+masks (dynamic masking) from a seed derived from (run seed, generation, pass, file, document). Every row carries
 its place in the stream (`bertray.data.position`); a resumed run plans only the units it has not
 finished and drops the items it already trained on, so the stream continues where it stopped.
 `generation` changes only when a run resumes from a checkpoint that has no data position.
@@ -80,7 +81,7 @@ class StreamSpec:
 
 
 def read_spec(spec: StreamSpec) -> StreamSpec:
-    """What a read task needs: no tokenizer, no resume bitmaps (each task gets its own unit's part)."""
+    """What the reading stage needs: no tokenizer, no resume bitmaps (each unit's row carries its own part)."""
     return dataclasses.replace(spec, tokenizer_json="", resume=None)
 
 
@@ -242,52 +243,98 @@ def _send_counters(counters: CorpusCounters, counters_actor: Any) -> None:
 
 
 class CorpusDatasource(Datasource):
-    """One read task per unit, (pass, group of files); file groups are shuffled per pass. A resumed
+    """The read plan, one small task per pass still to read. A pass's task lists its units (groups
+    of file indices, in the pass's shuffled order, finished ones left out) as rows, and Ray splits
+    its output into one block per unit, so `read_units` reads every unit in a task of its own. What
+    Ray builds and ships before the first step is then a few hundred bytes per pass plus the file
+    list, once, with the reading stage: flat in passes, whatever the number of files. A resumed
     stream (`spec.resume`) plans only the units it has not finished."""
 
-    def __init__(self, files: Sequence[CorpusFile], spec: StreamSpec, counters_actor: Any = None) -> None:
+    def __init__(self, files: int, spec: StreamSpec) -> None:
         super().__init__()
-        self._files = list(files)
+        self._files = files
         self._spec = spec
-        self._counters = counters_actor
+
+    @property
+    def per_pass(self) -> int:
+        return -(-self._files // max(1, self._spec.files_per_read_task))
+
+    def passes(self) -> range:
+        """The passes still to read, in stream order."""
+        resume, per_pass = self._spec.resume, self.per_pass
+        first = resume.done_below // per_pass if resume is not None and per_pass else 0
+        return range(first, self._spec.passes if per_pass else 0)
+
+    def plan(self, pass_index: int) -> "PassPlan":
+        """What the task of one pass needs: its units' numbering, the shuffle seed, and the resume
+        state of its own units only (finished ones, and buffers already trained on)."""
+        spec, resume, per_pass = self._spec, self._spec.resume, self.per_pass
+        first, end = pass_index * per_pass, (pass_index + 1) * per_pass
+        done, skip = frozenset(), {}
+        if resume is not None:
+            first = max(first, resume.done_below)
+            done = frozenset(u for u in resume.done if first <= u < end)
+            # Skipping whole buffers changes which rows a unit sends; with preserve_order the trainer
+            # mixes rows in windows counted from each unit's start, so there every row is sent again.
+            if not spec.preserve_order:
+                skip = {u: tuple(sorted(p.done)) for u, p in resume.units.items() if first <= u < end and p.done}
+        return PassPlan(pass_index, self._files, max(1, spec.files_per_read_task), spec.seed, spec.generation,
+                        first, done, skip)
 
     def estimate_inmemory_data_size(self) -> int | None:
-        sizes = [f.size for f in self._files]
-        return None if None in sizes else int(sum(sizes)) * self._spec.passes
-
-    def units(self) -> Iterator[tuple[int, int, list[CorpusFile]]]:
-        """(pass, unit, files) of every unit still to read, in stream order."""
-        spec, group = self._spec, max(1, self._spec.files_per_read_task)
-        per_pass = -(-len(self._files) // group)
-        first = spec.resume.done_below if spec.resume is not None else 0
-        for pass_index in range(first // per_pass if per_pass else 0, spec.passes):
-            order = derive_rng(spec.seed, spec.generation, pass_index, _STAGE_READ).permutation(len(self._files))
-            for number in range(per_pass):
-                unit = pass_index * per_pass + number
-                if spec.resume is not None and spec.resume.unit_done(unit):
-                    continue
-                yield pass_index, unit, [self._files[i] for i in order[number * group:(number + 1) * group]]
+        return None   # a pass's plan is a few bytes per unit; the corpus is read downstream
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        spec, counters, resume = read_spec(self._spec), self._counters, self._spec.resume
-        # Skipping whole buffers changes which rows a unit sends; with preserve_order the trainer
-        # mixes rows in windows counted from each unit's start, so there every row is sent again.
-        skip_whole_buffers = resume is not None and not spec.preserve_order
         tasks = []
-        for pass_index, unit, files in self.units():
-            skip = frozenset()
-            if skip_whole_buffers and unit in resume.units:
-                skip = frozenset(resume.units[unit].done)
-            size = sum(f.size or 0 for f in files) or None
-            meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None,
-                                 input_files=tuple(f.url for f in files))
-            tasks.append(ReadTask(functools.partial(_read_unit, files, pass_index, unit, spec, counters, skip),
-                                  meta, per_task_row_limit=per_task_row_limit))
+        for pass_index in self.passes():
+            plan = self.plan(pass_index)
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+            tasks.append(ReadTask(functools.partial(_pass_table, plan), meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
     def get_name(self) -> str:
-        return "BertCorpus"
+        return "BertCorpusPlan"
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """The units of one pass still to read (see `CorpusDatasource.plan`)."""
+
+    pass_index: int
+    files: int
+    files_per_unit: int
+    seed: int
+    generation: int
+    first_unit: int                                  # units below it are finished
+    done: frozenset[int] = frozenset()               # finished units above `first_unit`
+    skip: Mapping[int, tuple[int, ...]] = field(default_factory=dict)   # unit -> buffers trained on
+
+    def units(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(unit, file indices) in stream order."""
+        per_pass = -(-self.files // self.files_per_unit)
+        order = derive_rng(self.seed, self.generation, self.pass_index, _STAGE_READ).permutation(self.files)
+        for number in range(self.first_unit - self.pass_index * per_pass, per_pass):
+            unit = self.pass_index * per_pass + number
+            if unit not in self.done:
+                yield unit, order[number * self.files_per_unit:(number + 1) * self.files_per_unit]
+
+
+def _pass_table(plan: PassPlan) -> Iterator[pa.Table]:
+    units = list(plan.units())
+    yield pa.table({
+        "pass_index": pa.array([plan.pass_index] * len(units), type=pa.int32()),
+        "unit": pa.array([u for u, _ in units], type=pa.int64()),
+        "files": pa.array([f.tolist() for _, f in units], type=pa.list_(pa.int64())),
+        "skip": pa.array([list(plan.skip.get(u, ())) for u, _ in units], type=pa.list_(pa.int32())),
+    })
+
+
+def read_units(batch: pa.Table, files: Sequence[CorpusFile], spec: StreamSpec, counters_actor: Any) -> Iterator[pa.Table]:
+    """The reading stage: each row of a pass's plan, one unit, becomes that unit's buffers."""
+    for pass_index, unit, indices, skip in zip(*(batch.column(name).to_pylist()
+                                                 for name in ("pass_index", "unit", "files", "skip"))):
+        yield from _read_unit([files[i] for i in indices], pass_index, unit, spec, counters_actor, frozenset(skip))
 
 
 class TokenizePairMask:
@@ -400,11 +447,13 @@ def iter_local(files: Sequence[CorpusFile], spec: StreamSpec,
     """The same stages in this process, without Ray, in the order `preserve_order` delivers them:
     for benchmarks and tests that need the exact instances a run trains on (marker rows dropped)."""
     stage = TokenizePairMask(spec, None, tuple(dict.fromkeys((*columns, "buffer_items"))))
-    for task in CorpusDatasource(files, spec).get_read_tasks(1):
-        for table in task():
-            rows = drop_markers(stage(table))
-            if len(rows["buffer_items"]):
-                yield {key: rows[key] for key in columns}
+    source, reading = CorpusDatasource(len(files), spec), read_spec(spec)
+    for task in source.get_read_tasks(1):
+        for plan in task():
+            for table in read_units(plan, files, reading, None):
+                rows = drop_markers(stage(table))
+                if len(rows["buffer_items"]):
+                    yield {key: rows[key] for key in columns}
 
 
 def drop_markers(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -427,7 +476,13 @@ def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_act
             else ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus))))
     placement = {"label_selector": selector} if selector else {}
     columns = TRAINER_COLUMNS + (PROVENANCE_COLUMNS if keep_provenance else ())
-    ds = ray.data.read_datasource(CorpusDatasource(files, spec, counters_actor), num_cpus=spec.read_cpus, **placement)
+    source = CorpusDatasource(len(files), spec)
+    # One block per unit out of each pass's plan (Ray splits a read task's output into this many
+    # blocks per task), so every unit is read by a task of its own, several at a time.
+    ds = ray.data.read_datasource(source, num_cpus=spec.read_cpus, override_num_blocks=max(1, source.per_pass * len(source.passes())),
+                                  **placement)
+    ds = ds.map_batches(read_units, fn_args=(list(files), read_spec(spec), counters_actor), batch_size=1,
+                        batch_format="pyarrow", num_cpus=spec.read_cpus, **placement)
     ds = ds.map_batches(TokenizePairMask, fn_constructor_args=(spec, counters_actor, columns), batch_size=1,
                         batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus, **placement)
     ds.context.execution_options.preserve_order = spec.preserve_order

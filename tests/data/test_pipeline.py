@@ -1,5 +1,7 @@
 """bertray.data.pipeline on a real local Ray cluster, over the real corpus (local and loopback S3)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -232,3 +234,45 @@ def test_a_resumed_unit_skips_finished_buffers_and_an_empty_unit_still_reports_i
     out = TokenizePairMask(spec)(empty)
     assert out["buffer_items"].tolist() == [0] and out["item"].tolist() == [-1] and out["last_buffer"].tolist() == [1]
     assert out["input_ids"].shape == (1, spec.nsp.max_seq_len)
+
+
+def plan_rows(spec, files):
+    """The unit rows of every pass task of a stream's plan, as (pass, unit, file indices, skip)."""
+    from bertray.data.pipeline import CorpusDatasource
+
+    rows = []
+    for task in CorpusDatasource(files, spec).get_read_tasks(1):
+        for table in task():
+            rows += zip(*(table.column(c).to_pylist() for c in ("pass_index", "unit", "files", "skip")))
+    return rows
+
+
+def test_the_plan_is_one_small_task_per_pass_and_a_resumed_one_leaves_out_finished_units(tokenizer):
+    """What Ray builds before the first step: one task per pass, of the same size for 10 or 100,000
+    files (the file list travels once, with the reading stage); each pass lists every file once, in
+    its own order. A resumed plan starts at the first unfinished pass, leaves out finished units and
+    names the buffers of units in flight that were trained on (not with preserve_order, where the
+    trainer needs every row of a unit again)."""
+    import cloudpickle
+
+    from bertray.data.pipeline import CorpusDatasource
+    from bertray.data.position import DataPosition, StreamLayout, UnitProgress
+
+    spec = spec_for(tokenizer, passes=3, files_per_read_task=4)
+    sizes = {n: {len(cloudpickle.dumps(t)) for t in CorpusDatasource(n, spec).get_read_tasks(1)}
+             for n in (10, 100_000)}
+    assert len(sizes[10]) == 1 and max(sizes[100_000]) - min(sizes[10]) < 16 and max(sizes[10]) < 1000
+    rows = plan_rows(spec, 10)
+    assert [(p, u) for p, u, _, _ in rows] == [(p, p * 3 + n) for p in range(3) for n in range(3)]
+    for p in range(3):
+        assert sorted(i for q, _, f, _ in rows if q == p for i in f) == list(range(10))
+        assert [len(f) for q, _, f, _ in rows if q == p] == [4, 4, 2]
+    assert rows[0][2] != rows[3][2]                                   # a new order every pass
+
+    position = DataPosition(StreamLayout(files=10, files_per_unit=4, seed=7), done_below=4, done={7},
+                            units={5: UnitProgress(done={0, 2})})
+    resumed = plan_rows(dataclasses.replace(spec, resume=position), 10)
+    assert [(p, u, s) for p, u, _, s in resumed] == [(1, 4, []), (1, 5, [0, 2]), (2, 6, []), (2, 8, [])]
+    assert {u: f for _, u, f, _ in resumed} == {u: f for _, u, f, _ in rows if u in (4, 5, 6, 8)}
+    ordered = plan_rows(dataclasses.replace(spec, resume=position, preserve_order=True), 10)
+    assert [s for *_, s in ordered] == [[], [], [], []]

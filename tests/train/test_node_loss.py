@@ -128,7 +128,7 @@ SCRIPT = textwrap.dedent('''
     for kind in ("TokenizePairMask", "RayTrainWorker"):
         placement[kind] = [[roles.get(a.node_id, "head"), a.node_id] for a in actors(kind)]
     for t in state(list_tasks):
-        if t.name.startswith("Read") and t.node_id:
+        if (t.name.startswith("Read") or "read_units" in t.name) and t.node_id:   # plan and unit reads
             placement.setdefault("read task", []).append([roles.get(t.node_id, "head"), t.node_id])
     print("RESULT", json.dumps({"metrics": result.metrics, "counters": result.counters, "placement": placement},
                                default=float), flush=True)
