@@ -60,7 +60,8 @@ def run(mode: str, args, bucket: str) -> dict:
     import fsspec
 
     from bertray.cli import with_repo_paths
-    from bertray.config import PretrainConfig, load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
     from bertray.train.pretrain import HISTORY, run_pretraining
 
     overrides = {

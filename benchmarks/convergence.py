@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from bertray.config import BertConfig, DataSection, PhaseConfig
+from bertray.model.config import BertConfig
+from bertray.train.config import DataSection, PhaseConfig
 from bertray.data.pipeline import iter_local, stream_spec
 from bertray.data.sources import resolve_corpus
 from bertray.model.heads import BertForPreTraining

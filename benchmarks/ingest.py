@@ -41,7 +41,8 @@ def model_flops_per_sequence(cfg, seq: int, predictions: int) -> float:
 
 def run(args, in_memory: bool, output: str) -> dict:
     from bertray.cli import with_repo_paths
-    from bertray.config import PretrainConfig, load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
     from bertray.train.pretrain import HISTORY, run_pretraining
 
     phases = [{"fraction": 1.0, "max_seq_len": args.seq, "max_predictions_per_seq": args.predictions,
@@ -123,7 +124,7 @@ def main() -> None:
               "cluster": ray.cluster_resources(), "streaming": streaming, "in_memory": memory,
               "ratio": streaming["steps_per_s"] / memory["steps_per_s"]}
     if cuda:
-        from bertray.config import BertConfig
+        from bertray.model.config import BertConfig
 
         cfg = BertConfig.preset(args.preset)
         flops = model_flops_per_sequence(cfg, args.seq, args.predictions)

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertray import tokenizer as wordpiece
-from bertray.config import BertConfig
+from bertray import wordpiece
+from bertray.model.config import BertConfig
 from bertray.model.bert import BertModel
 from bertray.tasks.registry import TASKS
 from bertray.tune.trainer import load_split

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.model.heads import BertForPreTraining
 from bertray.train.batches import pretraining_batch
 

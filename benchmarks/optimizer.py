@@ -50,7 +50,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.model.heads import BertForPreTraining
 from bertray.train.optim import Lamb, _DecoupledAdam, make_optimizer, parameter_groups
 

@@ -35,9 +35,10 @@ def build_sst2_model(directory: str | os.PathLike, minilm_dir: str | os.PathLike
     import numpy as np
     import torch
 
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
     from bertray.model.heads import BertForSequenceClassification
-    from bertray.tasks.glue import encode_pairs, read_glue
+    from bertray.tasks.glue import read_glue
+    from bertray.wordpiece import encode_pairs
 
     torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(minilm_dir, id2label=SST2_LABELS)

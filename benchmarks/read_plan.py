@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def make_spec(passes: int):
     from tokenizers import Tokenizer
 
-    from bertray.config import DataSection, PhaseConfig
+    from bertray.train.config import DataSection, PhaseConfig
     from bertray.data.pipeline import stream_spec
 
     tokenizer = Tokenizer.from_file(str(REPO / "samples/corpus/wikitext-2/vocab-8192/tokenizer.json"))

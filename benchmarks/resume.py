@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     import ray
     from tokenizers import Tokenizer
 
-    from bertray.config import DataSection, PhaseConfig
+    from bertray.train.config import DataSection, PhaseConfig
     from bertray.data.pipeline import build_dataset, stream_spec
     from bertray.data.position import DataPosition, StreamLayout
     from bertray.data.sources import resolve_corpus

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import Case, make_batch, model_flops_per_step  # noqa: E402
 
-from bertray.config import BertConfig  # noqa: E402
+from bertray.model.config import BertConfig  # noqa: E402
 from bertray.model.heads import BertForPreTraining  # noqa: E402
 from bertray.train.batches import pretraining_batch  # noqa: E402
 from bertray.train.optim import make_optimizer, warmup_linear_decay  # noqa: E402

@@ -4,7 +4,7 @@ Model classes are imported lazily so that Ray Data workers, which only need the 
 transforms, do not pay for importing torch.
 """
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.errors import BertrayError, CheckpointError, ConfigError, CorpusError, TaskDataError
 
 _LAZY = {

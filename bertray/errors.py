@@ -23,3 +23,10 @@ class CorpusError(BertrayError):
 
 class TaskDataError(BertrayError, ValueError):
     """A fine-tuning data file is malformed (the message names the file and line)."""
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise `ConfigError("key: message")` unless `condition` holds: the one validation helper of
+    every config dataclass, here so that the data layer can validate without importing the config."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")

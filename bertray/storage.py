@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from typing import Any
+
 import fsspec
 
 # scheme://user:password@host/... or scheme://key@host/...: the part between :// and the first @
@@ -42,11 +44,27 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def is_local_url(url: str) -> bool:
+    """A plain path or a file:// URL: known without building a filesystem."""
+    return "://" not in url or url.startswith("file://")
+
+
 def absolute_url(url: str) -> str:
-    """A relative local path made absolute: Ray workers run in a working directory of their own, so
-    `runs/x` written by a worker would land somewhere under /tmp/ray instead of beside the driver."""
+    """A local path or file:// URL as an absolute path; other URLs unchanged. Ray workers and Tune
+    trials run in working directories of their own, so `runs/x` written by one would land somewhere
+    under /tmp/ray instead of beside the driver."""
+    return os.path.abspath(url.removeprefix("file://")) if is_local_url(url) else url
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig from a local path or any fsspec URL:
+    a local path as is, anything else through pyarrow's wrapper of the fsspec filesystem."""
+    if is_local_url(url):
+        return absolute_url(url), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
     fs, path = fsspec.core.url_to_fs(url)
-    return os.path.abspath(path) if is_local(fs) and "://" not in url else url
+    return path.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
 def join_url(base: str, *parts: str) -> str:

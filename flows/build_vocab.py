@@ -7,7 +7,7 @@
 Lines are streamed through fsspec (local paths, globs, directories, s3://, gs://, ...;
 .gz/.bz2/.xz/.zst decompressed by extension), one at a time, so the corpus never sits in memory.
 The output directory (tokenizer.json, vocab.txt, tokenizer_config.json) is what
-`bertray.tokenizer.load` and `flows/pretrain.py` read. No Ray needed.
+`bertray.wordpiece.load` and `flows/pretrain.py` read. No Ray needed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 import fsspec
 
-from bertray import tokenizer as wordpiece
+from bertray import wordpiece
 from bertray.data.sources import resolve_corpus
 from bertray.errors import BertrayError
 

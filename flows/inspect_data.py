@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_parser() -> argparse.ArgumentParser:
     from bertray.cli import add_config_options
-    from bertray.config import PretrainConfig
+    from bertray.train.config import PretrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "flows" / "configs" / "embedded.yaml"),
@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     import numpy as np
     import ray
 
-    from bertray import tokenizer as wordpiece
-    from bertray.cli import config_from_args, with_repo_paths
-    from bertray.config import PretrainConfig
+    from bertray import wordpiece
+    from bertray.cli import config_from_args, start_ray, with_repo_paths
+    from bertray.train.config import PretrainConfig
     from bertray.data.documents import CorpusCounters, layout_warning
     from bertray.data.pipeline import PipelineCounters, build_dataset, drop_markers, stream_spec, unpack_doc_id
     from bertray.data.sources import resolve_corpus
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
     except (BertrayError, IndexError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False, configure_logging=False)
+    start_ray(args.address, None, quiet=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     counters = PipelineCounters.remote()
     spec = stream_spec(cfg.data, phase, tokenizer.to_str(), seed=cfg.train.seed, generation=0, passes=1)

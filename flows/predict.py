@@ -1,11 +1,11 @@
 """Batch prediction with a fine-tuned model on Ray Data: files in, Parquet shards out.
 
-    python flows/predict.py --model runs/finetune/models/<row>/sst2 --input reviews.txt --output runs/predict/reviews
+    python flows/predict.py --model runs/finetune/latest/models/<row>/sst2 --input reviews.txt --output runs/predict/reviews
     python flows/predict.py --model s3://bucket/models/sst2 --input 's3://bucket/tickets/*.jsonl' \\
         --text-field body --output s3://bucket/predictions/tickets --embeddings mean
-    python flows/predict.py --model runs/finetune/models/<row>/mrpc --input pairs.tsv \\
+    python flows/predict.py --model runs/finetune/latest/models/<row>/mrpc --input pairs.tsv \\
         --text-field '#1 String' --pair-field '#2 String' --output runs/predict/mrpc
-    python flows/predict.py --model runs/finetune/models/<row>/squad1 --input questions.parquet --output runs/predict/qa
+    python flows/predict.py --model runs/finetune/latest/models/<row>/squad1 --input questions.parquet --output runs/predict/qa
 
 Inputs: text (one per line), TSV with a header, JSONL or Parquet, at any fsspec URL (local,
 s3://, gs://; credentials from the environment, never in the URL); a folder or glob means every
@@ -28,29 +28,30 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bertray.cli import add_flat_options
+    from bertray.cli import add_config_options
     from bertray.predict.job import PredictConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", help="Ray cluster address (default: the job's cluster, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    add_flat_options(parser, PredictConfig, required=("model", "input", "output"), hidden=("fail_units",))
+    add_config_options(parser, PredictConfig, required=("model", "input", "output"), hidden=("fail_units",))
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.cli import flat_values, start_ray
+    from bertray.cli import config_overrides, start_ray
+    from bertray.config import load_config
     from bertray.errors import BertrayError
     from bertray.predict.job import PredictConfig, run_prediction
     from bertray.storage import absolute_url
 
-    values = flat_values(PredictConfig, args)
-    if "embeddings" in values and values["embeddings"] in ("none", "null"):
-        values["embeddings"] = None
+    overrides = config_overrides(PredictConfig, args)
+    if overrides.get("embeddings") == "none":
+        overrides["embeddings"] = None
     try:
-        cfg = PredictConfig(**values)
+        cfg = load_config(PredictConfig, None, overrides)
         # Actors run in working directories of their own: local paths are made absolute here.
         cfg = dataclasses.replace(cfg, model=absolute_url(cfg.model), output=absolute_url(cfg.output),
                                   input=tuple(absolute_url(u) for u in cfg.input))

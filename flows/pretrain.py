@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_parser() -> argparse.ArgumentParser:
     from bertray.cli import add_config_options
-    from bertray.config import PretrainConfig
+    from bertray.train.config import PretrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "flows" / "configs" / "embedded.yaml"),
@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", help="Ray cluster address (default: the job's cluster, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
     parser.add_argument("--json", help="write the final summary as JSON to this file")
-    parser.add_argument("--progress-bars", action="store_true", help="show Ray Data's per-operator progress bars")
+    parser.add_argument("--progress-bars", action="store_true", help="show Ray Data's per-operator progress bars "
+                                                                     "(with --verbose)")
+    parser.add_argument("--verbose", action="store_true", help="also print what Ray's own processes write (Train's "
+                                                               "controller, Data's executor, every worker); by "
+                                                               "default that stays in Ray's log files")
     parser.add_argument("--data-position", metavar="RUN_DIR",
                         help="print where the run in RUN_DIR (a local path or URL) stands in its corpus, and exit")
     add_config_options(parser, PretrainConfig)
@@ -47,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.cli import config_from_args, start_ray, with_repo_paths
-    from bertray.config import PretrainConfig
+    from bertray.cli import config_from_args, ray_logs_line, start_ray, with_repo_paths
+    from bertray.train.config import PretrainConfig
     from bertray.errors import BertrayError
 
     if args.data_position:
@@ -69,12 +73,13 @@ def main(argv=None) -> int:
     # The dashboard's Train view lists runs only when the driver tracks their state.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     started = time.perf_counter()
-    start_ray(args.address, args.num_cpus)
+    start_ray(args.address, args.num_cpus, quiet=not args.verbose)
     print(f"bertray pretraining: run {cfg.run.name!r} -> {cfg.run.output}, model {cfg.model.preset}, "
-          f"objective {cfg.data.objective}, {cfg.train.max_steps} steps, {_workers(cfg.scaling)} worker(s)",
-          flush=True)
+          f"objective {cfg.data.objective}, {cfg.train.max_steps} steps, {_workers(cfg.scaling)} worker(s)\n"
+          f"{ray_logs_line(args.address)}", flush=True)
     try:
-        result = run_pretraining(cfg, progress_bars=args.progress_bars)
+        result = run_pretraining(cfg, progress_bars=args.progress_bars and args.verbose,
+                                 console=None if args.verbose else sys.stdout)
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

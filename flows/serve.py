@@ -1,6 +1,6 @@
 """Serve a fine-tuned model over HTTP with Ray Serve.
 
-    python flows/serve.py --model runs/finetune/models/<row>/sst2            # http://127.0.0.1:8000
+    python flows/serve.py --model runs/finetune/latest/models/<row>/sst2            # http://127.0.0.1:8000
     curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"texts": ["a gripping film"]}'
     python flows/serve.py --model s3://bucket/models/sst2 --replicas 1 4 --host 0.0.0.0 --port 8080
 
@@ -17,13 +17,14 @@ Inside `ray job submit` the script joins the job's cluster; otherwise it starts 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bertray.cli import add_flat_options
+    from bertray.cli import add_config_options
     from bertray.serve.settings import ServeSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests a replica holds at once (at least --max-batch-size to fill batches)")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
-    add_flat_options(parser, ServeSettings, required=("model",))
+    add_config_options(parser, ServeSettings, required=("model",))
     return parser
 
 
@@ -60,14 +61,14 @@ def deployment_options(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bertray.cli import flat_values, start_ray
+    from bertray.cli import config_from_args, start_ray
     from bertray.errors import BertrayError
     from bertray.serve.settings import ServeSettings
     from bertray.storage import absolute_url
 
-    values = flat_values(ServeSettings, args)
     try:
-        settings = ServeSettings(**{**values, "model": absolute_url(values["model"])})
+        settings = config_from_args(ServeSettings, args)
+        settings = dataclasses.replace(settings, model=absolute_url(settings.model))
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bertray.config import MODEL_PRESETS, BertConfig
+from bertray.model.config import BertConfig, MODEL_PRESETS
 from bertray.errors import ConfigError
 
 
@@ -82,12 +82,15 @@ def test_malformed_config_file(tmp_path):
 
 def test_exponent_floats_without_a_dot(tmp_path):
     """PyYAML reads `1e-4` as a string (YAML 1.1); a float field still takes it."""
-    from bertray.config import PretrainConfig, load_config, parse_value
+    from bertray.config import load_config, parse_value
+    from bertray.train.config import PretrainConfig
 
     path = tmp_path / "c.yaml"
     path.write_text("data: {corpus: [x.txt]}\ntrain: {lr: 1e-4, adam_eps: 1E-6}\n")
     cfg = load_config(PretrainConfig, path, {"train.weight_decay": parse_value("5e-3")})
     assert (cfg.train.lr, cfg.train.adam_eps, cfg.train.weight_decay) == (1e-4, 1e-6, 5e-3)
+    assert [parse_value(v) for v in ("5e-5", "32", "1_000", "nan-run", "[a, b]", "null")] == [
+        5e-5, 32, 1000, "nan-run", ["a", "b"], None]              # flags: numbers first, then YAML
     with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
         load_config(PretrainConfig, path, {"train.lr": "fast"})
 
@@ -96,7 +99,8 @@ def test_every_pretraining_option_is_a_documented_flag():
     import subprocess
     import sys
 
-    from bertray.config import PretrainConfig, iter_options
+    from bertray.config import iter_options
+    from bertray.train.config import PretrainConfig
 
     out = subprocess.run([sys.executable, "flows/pretrain.py", "--help"], capture_output=True, text=True,
                          check=True, cwd=__import__("pathlib").Path(__file__).resolve().parents[1]).stdout
@@ -112,9 +116,12 @@ def test_every_pretraining_option_is_a_documented_flag():
     ("data.document_boundary", "chapter", "data.document_boundary"),
     ("data.boundary_pattern", "^== ", "data.boundary_pattern: is only used with document_boundary: pattern"),
     ("data.skip_pattern", "([", "skip_pattern: '\\(\\[' is not a valid regular expression"),
+    ("run.name", "..", "run.name: must be a folder name"),
+    ("run.name", "team/../../other", "run.name: must be a folder name"),
 ])
 def test_bad_pretraining_values_name_the_key(tmp_path, key, value, needle):
-    from bertray.config import PretrainConfig, load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
 
     path = tmp_path / "c.yaml"
     path.write_text("data: {corpus: [x.txt]}\n")
@@ -125,7 +132,8 @@ def test_bad_pretraining_values_name_the_key(tmp_path, key, value, needle):
 def test_layout_fields_override_the_preset(tmp_path):
     """A corpus no preset fits: the preset's layout with data.document_boundary, boundary_pattern,
     line_unit or skip_pattern replacing its own, validated together."""
-    from bertray.config import PretrainConfig, load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
     from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters, iter_documents
 
     path = tmp_path / "c.yaml"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bertray.config import DataSection, ScalingSection
+from bertray.train.config import DataSection, ScalingSection
 from bertray.errors import ConfigError
 from bertray.labels import matches, selector_problem
 

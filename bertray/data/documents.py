@@ -21,15 +21,15 @@ import logging
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, get_args
 
-from bertray.config import check
-from bertray.errors import ConfigError
+from bertray.errors import ConfigError, check
 
 log = logging.getLogger(__name__)
 
-DOCUMENT_BOUNDARIES = ("blank_line", "file", "pattern")
-LINE_UNITS = ("sentence", "paragraph", "wrapped")
+DocumentBoundary = Literal["blank_line", "file", "pattern"]
+LineUnit = Literal["sentence", "paragraph", "wrapped"]
+DOCUMENT_BOUNDARIES, LINE_UNITS = get_args(DocumentBoundary), get_args(LineUnit)
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ class CorpusLayout:
     - `text_field`: the column holding the text in JSONL/Parquet rows.
     """
 
-    document_boundary: Literal["blank_line", "file", "pattern"] = "blank_line"
+    document_boundary: DocumentBoundary = "blank_line"
     boundary_pattern: str | None = None
-    line_unit: Literal["sentence", "paragraph", "wrapped"] = "sentence"
+    line_unit: LineUnit = "sentence"
     skip_pattern: str | None = None
     max_document_sentences: int = 2048
     max_sentence_chars: int = 10_000

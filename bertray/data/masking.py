@@ -20,13 +20,15 @@ the smallest P of them a uniform subset when the cap P bites).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
-from bertray.config import check
+from bertray.errors import check
 
-STRATEGIES = ("exact", "bernoulli")
+MaskingStrategy = Literal["exact", "bernoulli"]
+Objective = Literal["mlm_nsp", "mlm", "ltr"]   # MLM + NSP (the paper), MLM alone, left-to-right LM
+STRATEGIES, OBJECTIVES = get_args(MaskingStrategy), get_args(Objective)
 
 # The paper's Table 8 (ablation over the [MASK] / same / random-token mix), as MaskingConfig fields.
 TABLE8_MIXES: dict[str, dict[str, float]] = {
@@ -54,7 +56,7 @@ class MaskingConfig:
 
     mask_prob: float = 0.15
     max_predictions_per_seq: int = 20
-    strategy: Literal["exact", "bernoulli"] = "exact"
+    strategy: MaskingStrategy = "exact"
     whole_word: bool = False
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bertray.config import check
+from bertray.errors import check
 
 # Values of `next_sentence_labels`, as Hugging Face's BertForPreTraining reads them.
 IS_NEXT = 0

@@ -29,8 +29,9 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from bertray.train.config import DataSection
 from bertray.data.documents import CorpusCounters, CorpusLayout, DocumentPiece
-from bertray.data.masking import MaskingConfig, causal_lm_targets, mask_tokens
+from bertray.data.masking import OBJECTIVES, MaskingConfig, causal_lm_targets, mask_tokens
 from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instances
 from bertray.data.position import POSITION_COLUMNS, DataPosition
 from bertray.data.seeding import derive_rng, stable_hash
@@ -38,13 +39,12 @@ from bertray.data.sources import CorpusFile, read_documents
 from bertray.labels import matches
 
 if TYPE_CHECKING:
-    from bertray.config import DataSection, PhaseConfig
+    from bertray.train.config import PhaseConfig
 
 log = logging.getLogger(__name__)
 
 # Stage tags mixed into seeds so NSP pairing and masking never share a random stream.
 _STAGE_READ, _STAGE_PAIR, _STAGE_MASK = 1, 2, 3
-OBJECTIVES = ("mlm_nsp", "mlm", "ltr")
 INSTANCE_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
                     "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")   # what the model reads
 TRAINER_COLUMNS = INSTANCE_COLUMNS + POSITION_COLUMNS
@@ -52,32 +52,42 @@ PROVENANCE_COLUMNS = ("doc_id", "b_doc_id", "a_start", "a_end", "b_start", "b_en
 SPLITS = ("train", "heldout")
 
 
+def _data_default(name: str) -> Any:
+    """A field of `StreamSpec` that mirrors one of `DataSection` takes that field's default: one
+    source for each default."""
+    (f,) = (f for f in dataclasses.fields(DataSection) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory)
+    return f.default
+
+
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything a pipeline run needs besides the files; built from the validated config."""
+    """Everything a pipeline run needs besides the files; built from the validated config
+    (`stream_spec`), or directly in tests and benchmarks."""
 
     layout: CorpusLayout
     nsp: NSPConfig
     masking: MaskingConfig
     tokenizer_json: str                # the serialized `tokenizers.Tokenizer`: workers on any node can build it
-    objective: str = "mlm_nsp"
-    corpus_format: str = "auto"
+    objective: str = _data_default("objective")
+    corpus_format: str = _data_default("format")
     seed: int = 0
     generation: int = 0
     passes: int = 1
-    docs_per_batch: int = 256
-    buffer_chars: int = 1_000_000
-    files_per_read_task: int = 4
-    preserve_order: bool = False       # same instances in the same order on every run (see DataSection)
-    holdout_fraction: float = 0.0      # share of documents kept out of training (see `is_held_out`)
+    docs_per_batch: int = _data_default("docs_per_batch")
+    buffer_chars: int = _data_default("buffer_chars")
+    files_per_read_task: int = _data_default("files_per_read_task")
+    preserve_order: bool = _data_default("preserve_order")    # same instances in the same order on every run
+    holdout_fraction: float = _data_default("holdout_fraction")   # share of documents kept out of training
     split: str = "train"               # "train": every document not held out; "heldout": only those
-    read_cpus: float = 0.25
-    tokenizer_cpus: float = 1.0
-    tokenizer_actors: int = 0          # 0: an autoscaling pool of 1..(cluster CPUs) actors
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    max_file_bytes: int | None = None  # see DataSection.max_file_bytes
+    read_cpus: float = _data_default("read_cpus")
+    tokenizer_cpus: float = _data_default("tokenizer_cpus")
+    tokenizer_actors: int = _data_default("tokenizer_actors")   # 0: an autoscaling pool of 1..(cluster CPUs) actors
+    storage_options: Mapping[str, Any] = _data_default("storage_options")
+    max_file_bytes: int | None = _data_default("max_file_bytes")
     resume: DataPosition | None = None # where a resumed run stands: finished units are not planned
-    label_selector: Mapping[str, str] = field(default_factory=dict)   # the nodes the stages run on (none: any)
+    label_selector: Mapping[str, str] = _data_default("node_labels")   # the nodes the stages run on (none: any)
 
 
 def read_spec(spec: StreamSpec) -> StreamSpec:
@@ -85,7 +95,7 @@ def read_spec(spec: StreamSpec) -> StreamSpec:
     return dataclasses.replace(spec, tokenizer_json="", resume=None)
 
 
-def stream_spec(data: "DataSection", phase: "PhaseConfig", tokenizer_json: str, *, seed: int, generation: int,
+def stream_spec(data: DataSection, phase: "PhaseConfig", tokenizer_json: str, *, seed: int, generation: int,
                 passes: int, resume: DataPosition | None = None,
                 label_selector: Mapping[str, str] | None = None) -> StreamSpec:
     """The stream of one phase of the schedule (its sequence length and P) from the run's config."""
@@ -346,7 +356,7 @@ class TokenizePairMask:
     def __init__(self, spec: StreamSpec, counters_actor: Any = None, columns: Sequence[str] = TRAINER_COLUMNS) -> None:
         from tokenizers import Tokenizer
 
-        from bertray import tokenizer as wordpiece
+        from bertray import wordpiece
 
         self.encode = wordpiece.encode_documents
         self.spec = spec
@@ -479,11 +489,12 @@ def build_dataset(files: Sequence[CorpusFile], spec: StreamSpec, *, counters_act
     source = CorpusDatasource(len(files), spec)
     # One block per unit out of each pass's plan (Ray splits a read task's output into this many
     # blocks per task), so every unit is read by a task of its own, several at a time.
-    ds = ray.data.read_datasource(source, num_cpus=spec.read_cpus, override_num_blocks=max(1, source.per_pass * len(source.passes())),
-                                  **placement)
+    ds = ray.data.read_datasource(source, num_cpus=spec.read_cpus,
+                                  override_num_blocks=max(1, source.per_pass * len(source.passes())), **placement)
     ds = ds.map_batches(read_units, fn_args=(list(files), read_spec(spec), counters_actor), batch_size=1,
                         batch_format="pyarrow", num_cpus=spec.read_cpus, **placement)
-    ds = ds.map_batches(TokenizePairMask, fn_constructor_args=(spec, counters_actor, columns), batch_size=1,
+    ds = ds.map_batches(TokenizePairMask, fn_constructor_args=(dataclasses.replace(spec, resume=None), counters_actor,
+                                                               columns), batch_size=1,
                         batch_format="pyarrow", compute=pool, num_cpus=spec.tokenizer_cpus, **placement)
     ds.context.execution_options.preserve_order = spec.preserve_order
     return ds

@@ -1,10 +1,11 @@
-"""Derived random streams: one independent `numpy.random.Generator` per (seed, epoch, shard, block).
+"""Derived random streams: one independent `numpy.random.Generator` per key, such as (run seed,
+generation, pass, file, document, stage) for the data pipeline.
 
-Every random choice of the data pipeline (NSP pairing, masking) takes an explicit generator made
-here, so a run is reproducible however Ray schedules the blocks: the stream a block sees depends
-only on its keys, never on which worker ran it or in what order. `SeedSequence` hashes the key
-list into well-separated states, so neighbouring keys (epoch 1 vs 2, block 7 vs 8) give streams
-that are statistically independent rather than shifted copies of each other.
+Every random choice of the data pipeline (file order, NSP pairing, masking) takes an explicit
+generator made here, so a run is reproducible however Ray schedules the work: the stream a buffer
+sees depends only on its keys, never on which worker ran it or in what order. `SeedSequence` hashes
+the key list into well-separated states, so neighbouring keys (pass 1 vs 2, document 7 vs 8) give
+streams that are statistically independent rather than shifted copies of each other.
 """
 
 from __future__ import annotations

@@ -5,15 +5,17 @@ and fine-tuning all see exactly the ids the model was trained with."""
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from tokenizers import Tokenizer
 
-from bertray import tokenizer as wordpiece
-from bertray.config import DataSection
+from bertray import wordpiece
 from bertray.data.documents import CorpusCounters
 from bertray.data.sources import CorpusFile, read_documents
 from bertray.storage import exists, join_url
+
+if TYPE_CHECKING:
+    from bertray.train.config import DataSection
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.model import hf_format
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.errors import ConfigError
 from bertray.model import hf_format
 from bertray.model.bert import ACTIVATIONS, BertModel, BertPreTrainedModel, TokenPacking
@@ -295,6 +295,11 @@ class BertForMultipleChoice(BertPreTrainedModel):
         return TaskOutput(loss=loss, logits=logits)
 
 
+# The paper's feature-based NER setup (section 5.3): a two-layer BiLSTM, 768 wide, over the
+# concatenation of the last four layers.
+PAPER_TAGGER_SIZES = {"lstm_hidden_size": 768, "num_lstm_layers": 2, "num_feature_layers": 4}
+
+
 class BertFeatureBasedTagger(BertPreTrainedModel):
     """The feature-based approach of paper section 5.3 (Table 7, "Concat Last Four Hidden").
 
@@ -304,8 +309,9 @@ class BertFeatureBasedTagger(BertPreTrainedModel):
     expected at the right end (the BiLSTM reads each sequence up to its length).
     """
 
-    def __init__(self, config: BertConfig, lstm_hidden_size: int = 768, num_lstm_layers: int = 2,
-                 num_feature_layers: int = 4) -> None:
+    def __init__(self, config: BertConfig, lstm_hidden_size: int = PAPER_TAGGER_SIZES["lstm_hidden_size"],
+                 num_lstm_layers: int = PAPER_TAGGER_SIZES["num_lstm_layers"],
+                 num_feature_layers: int = PAPER_TAGGER_SIZES["num_feature_layers"]) -> None:
         super().__init__()
         if not 1 <= num_feature_layers <= config.num_hidden_layers:
             raise ConfigError(f"num_feature_layers: must be in [1, num_hidden_layers={config.num_hidden_layers}], "
@@ -333,7 +339,7 @@ class BertFeatureBasedTagger(BertPreTrainedModel):
         """As `BertPreTrainedModel.from_pretrained`; the BiLSTM sizes come from the checkpoint when it
         is a tagger's, else from the arguments, else the paper's (768 wide, 2 layers, 4 features)."""
         config, tensors = cls._read_checkpoint(path, config, config_overrides)
-        sizes = dict(lstm_hidden_size=768, num_lstm_layers=2, num_feature_layers=4)
+        sizes = dict(PAPER_TAGGER_SIZES)
         if "lstm.weight_hh_l0" in tensors:
             sizes.update(lstm_hidden_size=2 * tensors["lstm.weight_hh_l0"].shape[1],
                          num_lstm_layers=sum(1 for name in tensors

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,49 @@ def load_state_dict(path: str | os.PathLike) -> tuple[BertConfig, dict[str, torc
     except ConfigError as exc:
         raise CheckpointError(f"{config_file} is not a usable BERT config: {exc}") from exc
     return config, normalize_names(_read_tensors(folder))
+
+
+def verify_checkpoint(url: str) -> BertConfig:
+    """Check, without reading the weights, that a checkpoint folder at any fsspec URL will load: its
+    config parses and its `model.safetensors` header is whole and the file as long as the header
+    says (a truncated download, a partial copy). For drivers to check once what every trial or
+    worker will read, before they start. Raises `CheckpointError` naming the file."""
+    import json
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    where = url.rstrip("/")
+    try:
+        with fs.open(f"{root}/{CONFIG_NAME}", "rb") as f:
+            config = BertConfig.from_dict(json.loads(f.read()))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}/{CONFIG_NAME}: no such file; a checkpoint folder holds {CONFIG_NAME} "
+                              f"and {SAFETENSORS_NAME}") from None
+    except (ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{where}/{CONFIG_NAME} is not a usable BERT config: {exc}") from None
+    weights = f"{root}/{SAFETENSORS_NAME}"
+    if not fs.isfile(weights):
+        if fs.isfile(f"{root}/{PYTORCH_NAME}"):
+            return config
+        raise CheckpointError(f"{where} has no {SAFETENSORS_NAME} (or {PYTORCH_NAME})")
+    size = fs.size(weights)
+    try:
+        with fs.open(weights, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= size - 8:
+                raise ValueError(f"header length {length} in a file of {size} bytes")
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{where}/{SAFETENSORS_NAME} is corrupt or truncated ({exc}); re-download it "
+                              f"or re-save the checkpoint") from None
+    if size != 8 + length + end:
+        raise CheckpointError(f"{where}/{SAFETENSORS_NAME} is truncated or padded: {size} bytes where its "
+                              f"header says {8 + length + end}; re-download it or re-save the checkpoint")
+    return config
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ def encode(loaded: LoadedModel, first: Sequence[str], second: Sequence[str] | No
            ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Token ids and segment ids of `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, the longer side
     truncated first to `max_seq_len`; no padding."""
-    from bertray.tasks.glue import tokenizer_truncation
+    from bertray.wordpiece import tokenizer_truncation
 
     inputs = list(first) if second is None else list(zip(first, second))
     if not inputs:

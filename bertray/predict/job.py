@@ -21,8 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from bertray.config import check, check_no_credentials, doc
-from bertray.errors import ConfigError
+from bertray.config import check_no_credentials, doc
+from bertray.errors import ConfigError, check
 from bertray.predict import shards
 from bertray.predict.inputs import INPUT_FORMATS, BadRows, file_format, read_rows
 
@@ -40,7 +40,7 @@ class PredictConfig:
     """One batch prediction job."""
 
     model: str = doc("", "fine-tuned model folder in the Hugging Face layout (local or object storage), e.g. "
-                         "runs/finetune/models/<row>/sst2")
+                         "runs/finetune/latest/models/<row>/sst2")
     input: tuple[str, ...] = doc((), "input files, folders or globs (local or object storage)")
     output: str = doc("", "output folder for the Parquet shards (local or object storage)")
     format: Literal["auto", "text", "tsv", "jsonl", "parquet"] = doc(

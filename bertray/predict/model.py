@@ -1,6 +1,6 @@
 """A fine-tuned model folder (Hugging Face layout) loaded for inference.
 
-The folder is what `save_pretrained` + `bertray.tokenizer.save` write, and what `transformers`
+The folder is what `save_pretrained` + `bertray.wordpiece.save` write, and what `transformers`
 writes: `config.json` (its `architectures` names the head, `id2label` the label names,
 `problem_type: regression` a one-output regression head such as STS-B's), `model.safetensors`
 (or `pytorch_model.bin`) and the tokenizer files. The model runs in bertray's own encoder, whose
@@ -55,7 +55,7 @@ def read_head(folder: str | os.PathLike) -> tuple[str, str, tuple[str, ...]]:
         data = json.loads(config_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: no config.json; pass a fine-tuned model folder in the Hugging Face "
-                              f"layout (a sweep saves them under <output>/models/<row>/<task>/)") from None
+                              f"layout (a sweep saves them under <output>/latest/models/<row>/<task>/)") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
     architectures = data.get("architectures") or []
@@ -84,7 +84,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     """Load a fine-tuned folder (local path or fsspec URL) onto `device` (default: a GPU if there
     is one), in eval mode, without dropout. `max_seq_len`: longer inputs are truncated (default
     128 for classification, 384 for question answering, never above the model's positions)."""
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
     from bertray.model import heads
     from bertray.train.checkpoints import local_checkpoint
 

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from bertray.config import check, check_no_credentials, doc, from_mapping
+from bertray.config import check_no_credentials, doc, from_mapping
+from bertray.errors import check
 
 
 @dataclass(frozen=True)

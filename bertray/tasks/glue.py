@@ -14,18 +14,18 @@ reference loaders skip them; more than a few (over 10 and over 1%) means a wrong
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import fsspec
 import numpy as np
 
-from bertray.errors import ConfigError, TaskDataError
+from bertray.errors import TaskDataError
 from bertray.tasks import metrics
+from bertray.wordpiece import encode_pairs
 
 log = logging.getLogger(__name__)
 
@@ -160,63 +160,6 @@ def _parse_label(path: str, line: int, value: str, labels: tuple[str, ...]) -> s
 
 # --------------------------------------------------------------------------------------------
 # Features
-
-
-@contextlib.contextmanager
-def tokenizer_truncation(tokenizer, max_length: int | None) -> Iterator[None]:
-    """Set the tokenizer's truncation (longest_first) and switch its padding off for the duration,
-    then restore what the caller had: a `tokenizer.json` may carry its own settings (the
-    MiniLM one pads and truncates to 128), and featurizers pad with numpy themselves."""
-    truncation, padding = tokenizer.truncation, tokenizer.padding
-    try:
-        if max_length is None:
-            tokenizer.no_truncation()
-        else:
-            tokenizer.enable_truncation(max_length, strategy="longest_first")
-        tokenizer.no_padding()
-        yield
-    finally:
-        if truncation is None:
-            tokenizer.no_truncation()
-        else:
-            tokenizer.enable_truncation(**truncation)
-        if padding is not None:
-            tokenizer.enable_padding(**padding)
-
-
-def special_id(tokenizer, token: str) -> int:
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise ConfigError(f"the tokenizer has no {token} token; BERT fine-tuning needs [CLS], [SEP] and [PAD]")
-    return token_id
-
-
-def encode_pairs(tokenizer, first: Sequence[str], second: Sequence[str] | None,
-                 max_seq_len: int) -> dict[str, np.ndarray]:
-    """`[CLS] a [SEP] b [SEP]` (or `[CLS] a [SEP]`) through the tokenizer's template, the longer
-    side truncated first, padded to `max_seq_len`. Also counts truncated sequences (logged)."""
-    inputs = list(first) if second is None else list(zip(first, second))
-    with tokenizer_truncation(tokenizer, max_seq_len):
-        encodings = tokenizer.encode_batch(inputs)
-    n = len(encodings)
-    if n and encodings[0].ids[:1] != [special_id(tokenizer, "[CLS]")]:
-        raise ConfigError("the tokenizer adds no [CLS] ... [SEP] template; load a BERT tokenizer.json whose "
-                          "post_processor is BERT's (TemplateProcessing or BertProcessing)")
-    out = {
-        "input_ids": np.full((n, max_seq_len), special_id(tokenizer, "[PAD]"), dtype=np.int32),
-        "token_type_ids": np.zeros((n, max_seq_len), dtype=np.int8),
-        "attention_mask": np.zeros((n, max_seq_len), dtype=np.int8),
-    }
-    truncated = 0
-    for i, enc in enumerate(encodings):
-        length = len(enc.ids)
-        out["input_ids"][i, :length] = enc.ids
-        out["token_type_ids"][i, :length] = enc.type_ids
-        out["attention_mask"][i, :length] = 1
-        truncated += bool(enc.overflowing)
-    if truncated:
-        log.info("truncated %d of %d sequences to %d tokens", truncated, n, max_seq_len)
-    return out
 
 
 def featurize_glue(examples: Sequence[GlueExample], tokenizer, max_seq_len: int = 128,

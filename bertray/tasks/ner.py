@@ -23,7 +23,7 @@ import numpy as np
 
 from bertray.errors import TaskDataError
 from bertray.tasks import metrics
-from bertray.tasks.glue import special_id, tokenizer_truncation
+from bertray.wordpiece import special_id, tokenizer_truncation
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,11 @@
 A spec is data: where a task's files live under a `--data` root, its labels, metrics, the
 paper's hyper-parameter grid and the column of the results table. What to *do* with a task
 depends only on its family, so five `Family` entries (classification, regression, span,
-multiple_choice, token) map to the task modules' functions, and the fine-tuning loop needs
-nothing task-specific:
+multiple_choice, token) hold everything that differs between families: the task modules'
+functions, the head and its targets and outputs, the prediction files and what an exported
+model says about itself. The fine-tuning loop (`bertray.tune.trainer`) and the export
+(`bertray.tune.export`) read those entries and need nothing task-specific; a new family is one
+task module and one entry here:
 
     spec = TASKS["rte"]
     examples, counts = spec.read(root, "dev")                       # counts of what was read/skipped
@@ -26,10 +29,13 @@ fine-tuning config, not here.
 
 from __future__ import annotations
 
+import csv
 import difflib
+import io
 import os
 import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -84,6 +90,11 @@ class TaskSpec:
         return self.metrics[0]
 
     @property
+    def family_info(self) -> "Family":
+        """The family's entry: how to train, predict and export this task."""
+        return FAMILIES[self.family]
+
+    @property
     def num_labels(self) -> int:
         """Width of the task head: classes or tags; 1 for regression, multiple choice (one score
         per choice) and each of the span head's start/end vectors."""
@@ -99,7 +110,7 @@ class TaskSpec:
         and the counts of what was read and skipped."""
         path = self.path(root, split)
         try:
-            return FAMILIES[self.family].read(self, path, split)
+            return self.family_info.read(self, path, split)
         except FileNotFoundError:
             raise TaskDataError(f"{path}: no such file; {self.name} expects {self.data_dir}/"
                                 f"{{{','.join(self.files.values())}}} under the data root") from None
@@ -108,30 +119,65 @@ class TaskSpec:
                   **options: Any) -> dict[str, np.ndarray]:
         """Fixed-shape features padded to `max_seq_len` (default: the task's). `tokenizer` is a
         `tokenizers.Tokenizer` owned by the calling thread; its settings are restored after."""
-        return FAMILIES[self.family].featurize(self, examples, tokenizer, max_seq_len or self.max_seq_len, **options)
+        return self.family_info.featurize(self, examples, tokenizer, max_seq_len or self.max_seq_len, **options)
 
     def decode(self, examples: Sequence, features: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
                **options: Any):
         """Predictions in the task's own terms: label strings, scores, choice indices, `{qid: text}`
         or per-word tag lists."""
-        return FAMILIES[self.family].decode(self, examples, features, outputs, **options)
+        return self.family_info.decode(self, examples, features, outputs, **options)
 
     def evaluate(self, examples: Sequence, features: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
                  **options: Any) -> dict[str, float]:
         """The task's metrics, in percent as the paper's tables print them."""
-        return FAMILIES[self.family].evaluate(self, examples, features, outputs, **options)
+        return self.family_info.evaluate(self, examples, features, outputs, **options)
 
 
 # --------------------------------------------------------------------------------------------
 # Family dispatch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Family:
+    """Everything that differs between task families, so that neither the fine-tuning loop nor
+    the export switch on the family's name. Heads are named, not imported: reading the task
+    table needs no torch (`bertray.tune.trainer.head_class` resolves them)."""
+
+    # The task module's functions behind TaskSpec.read/featurize/decode/evaluate, and the
+    # prediction files: (spec, s, outputs, directory, tau) -> paths written, where `s` is an
+    # evaluated split (`.split`, `.labelled`, `.examples`, `.features`: trainer.EvalSet).
     read: Callable[[TaskSpec, str, str], tuple[list, dict[str, int]]]
     featurize: Callable[..., dict[str, np.ndarray]]
     decode: Callable[..., Any]
     evaluate: Callable[..., dict[str, float]]
+    write_predictions: Callable[..., list[str]]
+    # The model and its batches
+    head: str                                 # class name in bertray.model.heads
+    feature_based_head: str | None            # the head of `feature_based` specs; None: the family has none
+    config_overrides: Callable[[TaskSpec], dict[str, Any]]   # BertConfig keys of the head: its label names
+    target_keys: tuple[str, ...]              # feature arrays the head's loss takes
+    target_dtype: Literal["long", "float"]    # torch dtype of those targets (a name: no torch here)
+    targets_per_token: bool                   # [N, S] targets, cut with the batch to its longest sequence
+    output_keys: tuple[str, ...]              # model output attributes that decode and evaluate take
+    pad_value: float | None                   # fill of per-token outputs padded back to the features'
+                                              # length (span: never the best start); None: not per token
+    train_options: Mapping[str, Any] = field(hash=False)     # featurize options of the training split
+    # The exported model folder (bertray.tune.export)
+    auto_class: str                           # the transformers Auto class that loads it
+    pipeline_tag: str                         # the Hub's pipeline tag in the model card
+    description: str                          # what the model does, in the model card
+    export_config: Callable[[TaskSpec], dict[str, Any]]      # config.json keys saying what the head predicts
+    # The results table (bertray.tune.results)
+    table_metrics: tuple[str, ...]            # a cell's metrics on the first dev split; (): the primary
+                                              # metric on every dev split (MNLI m/mm, CoNLL dev/test)
+    column_suffix: str                        # after the task's column name in the table header
+
+    def head_name(self, spec: TaskSpec) -> str:
+        if not spec.feature_based:
+            return self.head
+        if self.feature_based_head is None:
+            raise ConfigError(f"{spec.name}: the {spec.family} family has no feature-based head")
+        return self.feature_based_head
 
 
 def _output(outputs: Mapping[str, np.ndarray], key: str, spec: TaskSpec) -> np.ndarray:
@@ -144,17 +190,109 @@ def _read_glue(spec: TaskSpec, path: str, split: str):
     return glue.read_glue(path, spec.name, test=split in spec.test_splits)
 
 
-_GLUE = Family(
+def _head_labels(spec: TaskSpec) -> dict[str, Any]:
+    return {"id2label": dict(enumerate(spec.labels))}
+
+
+def _exported_labels(spec: TaskSpec) -> dict[str, Any]:
+    # label2id with integer ids, as transformers writes it
+    return {"id2label": {str(i): label for i, label in enumerate(spec.labels)},
+            "label2id": {label: i for i, label in enumerate(spec.labels)}}
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction files, each family in its customary format
+
+
+def _write_glue(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
+    """A test split as the benchmark server's submission file (`SST-2.tsv`, `MNLI-m.tsv`, ...)."""
+    predictions = spec.decode(s.examples, s.features, outputs)
+    if not s.labelled:
+        return [glue.write_submission(spec.name, predictions, directory, s.split, s.examples)]
+    rows = [("index", "prediction", "label")] + [(e.guid, _text(p), _text(e.label))
+                                                  for e, p in zip(s.examples, predictions)]
+    return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
+
+
+def _write_squad(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
+    """The official script's predictions.json and, for SQuAD 2.0, null odds; answers at `tau`
+    (None: tuned on `s` when it is labelled, as `evaluate` does, else 0)."""
+    start, end = outputs["start_logits"], outputs["end_logits"]
+    if spec.allow_no_answer and tau is None:
+        tau = squad.best_tau(s.examples, s.features, start, end) if s.labelled else 0.0
+    predictions, odds = squad.decode_squad(s.examples, s.features, start, end,
+                                           allow_no_answer=spec.allow_no_answer, tau=tau or 0.0)
+    paths = [f"{directory}/{s.split}_predictions.json"]
+    squad.write_predictions(predictions, paths[0])
+    if odds:
+        paths.append(f"{directory}/{s.split}_null_odds.json")
+        squad.write_predictions(odds, paths[1])
+    return paths
+
+
+def _write_swag(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
+    predictions = spec.decode(s.examples, s.features, outputs)
+    rows = [("guid", "prediction", "label")] + [(e.guid, str(p), "" if e.label is None else str(e.label))
+                                                for e, p in zip(s.examples, predictions)]
+    return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
+
+
+def _write_conll(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
+    """conlleval's input: "word gold predicted" per line, a blank line between sentences."""
+    predictions = spec.decode(s.examples, s.features, outputs)
+    path = f"{directory}/{s.split}_predictions.txt"
+    with open(path, "w", encoding="utf-8") as f:
+        for example, tags in zip(s.examples, predictions):
+            f.writelines(f"{w} {g} {p}\n" for w, g, p in zip(example.words, example.tags, tags))
+            f.write("\n")
+    return [path]
+
+
+def _text(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _write_tsv(path: str, rows: Sequence[Sequence[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(rows)
+    Path(path).write_text(buffer.getvalue(), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The families
+
+
+# GLUE: classification and regression differ only in their targets and what the head's outputs mean.
+_GLUE = dict(
     read=_read_glue,
     featurize=lambda spec, ex, tok, n, **o: glue.featurize_glue(ex, tok, n, spec.labels, **o),
     decode=lambda spec, ex, feats, out: glue.decode_glue(_output(out, "logits", spec), spec.labels),
     evaluate=lambda spec, ex, feats, out: glue.evaluate_glue(ex, _output(out, "logits", spec), spec.labels,
                                                              spec.metrics),
+    write_predictions=_write_glue,
+    head="BertForSequenceClassification", feature_based_head=None,
+    target_keys=("labels",), targets_per_token=False, output_keys=("logits",), pad_value=None, train_options={},
+    auto_class="AutoModelForSequenceClassification", pipeline_tag="text-classification",
 )
 
 FAMILIES: dict[str, Family] = {
-    "classification": _GLUE,
-    "regression": _GLUE,
+    "classification": Family(
+        **_GLUE,
+        config_overrides=_head_labels,
+        target_dtype="long",
+        description="sequence classification",
+        export_config=lambda spec: {"problem_type": "single_label_classification", **_exported_labels(spec)},
+        table_metrics=(), column_suffix="",
+    ),
+    "regression": Family(
+        **_GLUE,
+        config_overrides=lambda spec: {"id2label": {0: "score"}},     # one output: the score
+        target_dtype="float",
+        description="sequence regression",
+        export_config=lambda spec: {"problem_type": "regression"},
+        table_metrics=(), column_suffix="",
+    ),
     "span": Family(
         read=lambda spec, path, split: squad.read_squad(path),
         featurize=lambda spec, ex, tok, n, **o: squad.featurize_squad(ex, tok, n, **o),
@@ -164,18 +302,46 @@ FAMILIES: dict[str, Family] = {
         evaluate=lambda spec, ex, feats, out, **o: squad.evaluate_squad(
             ex, feats, _output(out, "start_logits", spec), _output(out, "end_logits", spec),
             allow_no_answer=spec.allow_no_answer, **o),
+        write_predictions=_write_squad,
+        head="BertForQuestionAnswering", feature_based_head=None,
+        config_overrides=lambda spec: {},
+        target_keys=("start_positions", "end_positions"), target_dtype="long", targets_per_token=False,
+        output_keys=("start_logits", "end_logits"), pad_value=-1e4,
+        train_options={"keep_offsets": False},     # offsets only map dev answers back to the context
+        auto_class="AutoModelForQuestionAnswering", pipeline_tag="question-answering",
+        description="extractive question answering",
+        export_config=lambda spec: {},
+        table_metrics=("exact_match", "f1"), column_suffix="",
     ),
     "multiple_choice": Family(
         read=lambda spec, path, split: swag.read_swag(path),
         featurize=lambda spec, ex, tok, n, **o: swag.featurize_swag(ex, tok, n, **o),
         decode=lambda spec, ex, feats, out: swag.decode_swag(_output(out, "logits", spec)),
         evaluate=lambda spec, ex, feats, out: swag.evaluate_swag(ex, _output(out, "logits", spec)),
+        write_predictions=_write_swag,
+        head="BertForMultipleChoice", feature_based_head=None,
+        config_overrides=lambda spec: {},
+        target_keys=("labels",), target_dtype="long", targets_per_token=False,
+        output_keys=("logits",), pad_value=None, train_options={},
+        auto_class="AutoModelForMultipleChoice", pipeline_tag="multiple-choice",
+        description="multiple choice",
+        export_config=lambda spec: {},
+        table_metrics=(), column_suffix="",
     ),
     "token": Family(
         read=lambda spec, path, split: ner.read_conll(path, spec.labels),
         featurize=lambda spec, ex, tok, n, **o: ner.featurize_ner(ex, tok, n, spec.labels, **o),
         decode=lambda spec, ex, feats, out: ner.decode_ner(ex, feats, _output(out, "logits", spec), spec.labels),
         evaluate=lambda spec, ex, feats, out: ner.evaluate_ner(ex, feats, _output(out, "logits", spec), spec.labels),
+        write_predictions=_write_conll,
+        head="BertForTokenClassification", feature_based_head="BertFeatureBasedTagger",
+        config_overrides=_head_labels,
+        target_keys=("labels",), target_dtype="long", targets_per_token=True,
+        output_keys=("logits",), pad_value=0.0, train_options={},
+        auto_class="AutoModelForTokenClassification", pipeline_tag="token-classification",
+        description="token classification",
+        export_config=_exported_labels,
+        table_metrics=(), column_suffix=" dev/test",
     ),
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from bertray.errors import TaskDataError
 from bertray.tasks import metrics
-from bertray.tasks.glue import encode_pairs
+from bertray.wordpiece import encode_pairs
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
     config.json, model.safetensors          the model (transformers.BertForPreTraining loads these)
     tokenizer.json, vocab.txt               the WordPiece vocabulary the model was trained with
     training_state.pt                       optimizer, scheduler, RNG states, fp16 loss scale
-    bertray_state.json                      step, phase, data position, metrics, the run's config
+    bertray_state.json                      step, sequences seen, data position, metrics, history, restarts,
+                                            the run's config
 
 Ray moves these directories to storage (`ray.train.report`) and hands them back on resume
 (`ray.train.get_checkpoint`); this module only reads and writes local directories.
@@ -158,7 +159,7 @@ def save_training_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Mo
                              step_state: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint into `directory` (created if needed). `step_state`: the training
     step's own state (the fp16 loss scale)."""
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -61,24 +61,31 @@ class IntervalMeter:
         self.started = time.perf_counter()
 
 
-class MetricSinks:
-    """Ray metrics + TensorBoard + a log line. Created inside the worker (Ray metrics must be)."""
+def summary_writer(logdir: str) -> Any:
+    """A TensorBoard event writer: torch's when the `tensorboard` package is installed, otherwise
+    tensorboardX's (same API and files), which Ray already installs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+    return SummaryWriter(logdir)
 
-    def __init__(self, run_name: str, rank: int, tensorboard_dir: str | None) -> None:
+
+class MetricSinks:
+    """Ray metrics + TensorBoard + a log line. Created inside the worker (Ray metrics must be).
+
+    Event files are written to `tensorboard_dir` on the worker's disk (TensorBoard's writers append,
+    which object storage cannot); with `tensorboard_url`, `sync` copies them there."""
+
+    def __init__(self, run_name: str, rank: int, tensorboard_dir: str | None, tensorboard_url: str | None = None) -> None:
         from ray.util.metrics import Gauge
 
         self.rank = rank
         self.tags = {"run": run_name, "rank": str(rank)}
         self.gauges = {name: Gauge(f"bertray_{name}", description=f"bertray pretraining {name.replace('_', ' ')}",
                                    tag_keys=("run", "rank")) for name in GAUGES}
-        self.writer = None
-        if tensorboard_dir and rank == 0:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(tensorboard_dir)
-            except ImportError:
-                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        self.writer = summary_writer(tensorboard_dir) if tensorboard_dir and rank == 0 else None
+        self.tensorboard_dir, self.tensorboard_url = tensorboard_dir, tensorboard_url
 
     def emit(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         for name, value in metrics.items():
@@ -90,9 +97,23 @@ class MetricSinks:
                     self.writer.add_scalar(f"{prefix}/{name}", value, step)
             self.writer.flush()
 
+    def sync(self) -> None:
+        """Copy the event files to `tensorboard_url` (at checkpoints and at the end); a failed copy
+        is a warning, never the end of a run."""
+        if self.writer is None or not self.tensorboard_url:
+            return
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(self.tensorboard_url)
+            fs.put(self.tensorboard_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        except Exception as exc:  # noqa: BLE001 - storage errors come in many types
+            log.warning("could not copy TensorBoard events to %s: %s", self.tensorboard_url, exc)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.sync()
 
 
 def format_line(step: int, total: int, metrics: dict[str, Any], prefix: str = "step") -> str:

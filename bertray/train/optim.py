@@ -12,12 +12,14 @@ Schedule: linear warmup to the peak rate, then linear decay to 0 at the last ste
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, get_args
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "bert_adam", "lamb")
+from bertray.train.config import OptimizerName
+
+OPTIMIZERS = get_args(OptimizerName)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -15,10 +15,11 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 import fsspec
 import numpy as np
@@ -27,14 +28,18 @@ import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bertray.config import BertConfig, PretrainConfig, to_mapping
-from bertray.data.pipeline import (INSTANCE_COLUMNS, PROVENANCE_COLUMNS, PipelineCounters, build_dataset, drop_markers,
+from bertray.config import to_mapping
+from bertray.model.config import BertConfig
+from bertray.train.config import PretrainConfig
+from bertray.data.pipeline import (INSTANCE_COLUMNS, PROVENANCE_COLUMNS, PipelineCounters, build_dataset, iter_local,
                                    stream_spec)
 from bertray.data.position import POSITION_COLUMNS, DataPosition, StreamLayout, merge_all
 from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError, CorpusError, TrainingDiverged
-from bertray.storage import absolute_url, exists, is_local, join_url, write_text
+from bertray.model.hf_format import verify_checkpoint
+from bertray.storage import absolute_url, exists, is_local_url, join_url, ray_storage, write_text
+from bertray.train.console import ConsoleFollower, ConsoleLines, forward_worker_logs
 from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, check_config_change, checkpoint_step,
                                        load_run_state, load_training_state, resolve_checkpoint,
                                        save_training_checkpoint, set_rng_state)
@@ -69,8 +74,10 @@ class WorkerPlan:
     eval_batches: list[dict[str, np.ndarray]]
     baselines: dict[str, float]          # eval_mlm_baseline, eval_nsp_majority (see `eval_baselines`)
     init_from: str | None
-    tensorboard_dir: str | None
+    tensorboard_dir: str | None       # where rank 0 writes event files on its node
+    tensorboard_url: str | None       # where they are copied at every checkpoint (remote runs), or None
     corpus_files: int                    # how many files the stream's units are made of (its layout)
+    console: Any = None                  # a `ConsoleLines` actor the workers' log lines go to, or None
 
 
 def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], device: torch.device,
@@ -85,12 +92,19 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], devic
     return {f"eval_{k}": v for k, v in meter.read().items()}
 
 
+# How a worker pulls its shard: at least this many rows per read from the stream, and this many
+# reads prefetched in the background (enough to hide the object-store fetches behind a step).
+ROWS_PER_READ = 256
+PREFETCH_BLOCKS = 4
+
+
 def _batches(shard: Any, per_worker: int, micro: int, data: Any, seed: int, device: torch.device,
              resume: DataPosition | None) -> Iterator[list[HostBatch]]:
     """A step's micro-batches at a time, mixed across NSP buffers (`bertray.train.rows`): each buffer
     holds a few documents' instances, so unmixed, consecutive steps would train on the same few
     sources. They stay on the host (pinned for a GPU) until `HostBatch.to`: see `bertray.train.batches`."""
-    blocks = shard.iter_batches(batch_size=max(per_worker, 256), batch_format="numpy", prefetch_batches=4)
+    blocks = shard.iter_batches(batch_size=max(per_worker, ROWS_PER_READ), batch_format="numpy",
+                                prefetch_batches=PREFETCH_BLOCKS)
     for batch in mixed_batches(blocks, per_worker, window=data.shuffle_buffer, seed=seed, resume=resume,
                                windows_per_unit=data.preserve_order):
         provenance = {k: batch.rows[k] for k in PROVENANCE_COLUMNS if k in batch.rows}
@@ -145,6 +159,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_ray_train_reports()
     plan: WorkerPlan = loop_config["plan"]
+    forward_worker_logs(plan.console)
     cfg, tcfg = plan.config, plan.config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -193,8 +208,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         _report_checkpoint(model, tokenizer, optimizer, scheduler, step, state, {**last, "step": at}, rank,
                            plan.run_url, keep=at in tcfg.save_at_steps, baselines=plan.baselines, records=records,
                            upload=tcfg.checkpoint_upload)
+        sinks.sync()
 
-    sinks = MetricSinks(cfg.run.name, rank, plan.tensorboard_dir)
+    sinks = MetricSinks(cfg.run.name, rank, plan.tensorboard_dir, plan.tensorboard_url)
     meter = IntervalMeter()
     last: dict[str, Any] = {}
     boundaries = np.cumsum(tcfg.phase_steps()).tolist()
@@ -401,7 +417,7 @@ def _resume_checkpoint(run_url: str) -> ray.train.Checkpoint | None:
         log.warning("%s names %s, which is incomplete; resuming from Ray's registered checkpoint",
                     join_url(run_url, LATEST), pointed)
         return registered
-    path, filesystem = storage_for(pointed)
+    path, filesystem = ray_storage(pointed)
     return ray.train.Checkpoint(path=path, filesystem=filesystem)
 
 
@@ -473,16 +489,6 @@ def _upload_then_point(run_url: str, checkpoint: ray.train.Checkpoint, name: str
 # Driver side
 
 
-def storage_for(output: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for `ray.train.RunConfig` from a local path or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(output)
-    if is_local(fs):
-        return os.path.abspath(path), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return path, PyFileSystem(FSSpecHandler(fs))
-
-
 @dataclass
 class PretrainResult:
     metrics: dict[str, Any]              # rank 0's final metrics (the train function's return value)
@@ -531,11 +537,17 @@ def eval_batches(cfg: PretrainConfig, tokenizer_json: str, train_files: list[Cor
         split=split, holdout_fraction=data.holdout_fraction if split == "heldout" else 0.0, preserve_order=True,
         files_per_read_task=min(len(files), EVAL_FILES_PER_TASK))
     size = min(phase.batch_size, 64)
-    rows = drop_markers(build_dataset(files, spec).take_batch(size * cfg.train.eval_batches, batch_format="numpy"))
-    rows = {key: rows[key] for key in INSTANCE_COLUMNS}
-    n = len(rows["input_ids"]) // size
+    # The same stages in this process, in stream order (what `preserve_order` delivers): a few batches
+    # need no actors, and the set is the same on every run.
+    parts, wanted = [], size * cfg.train.eval_batches
+    for part in iter_local(files, spec, columns=INSTANCE_COLUMNS):
+        parts.append(part)
+        if sum(len(p["input_ids"]) for p in parts) >= wanted:
+            break
+    n = min(sum(len(p["input_ids"]) for p in parts) // size, cfg.train.eval_batches)
     if n == 0:
         raise ConfigError(f"{source} gives fewer than {size} held-out sequences")
+    rows = {key: np.concatenate([p[key] for p in parts])[:n * size] for key in INSTANCE_COLUMNS}
     return [{k: np.ascontiguousarray(v[i * size:(i + 1) * size]) for k, v in rows.items()} for i in range(n)]
 
 
@@ -553,7 +565,15 @@ def eval_baselines(batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
-def _phase_dataset(files, cfg: PretrainConfig, phase_index: int, tokenizer_json: str, run_url: str, counters):
+def on_driver_node(actor_class: Any) -> Any:
+    """`actor_class` placed on the driver's node: an actor on a node that is lost would take the
+    run's totals (or its console lines) with it."""
+    return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False))
+
+
+def _phase_dataset(files, cfg: PretrainConfig, phase_index: int, tokenizer_json: str, run_url: str, counters,
+                   progress_bars: bool):
     """Built by Ray Train at every worker-group start, so a restarted group (after a crash) plans
     its stream from the newest checkpoint's data position: finished units are left out, and the
     workers drop the rows they already trained on (`stream_start`)."""
@@ -566,7 +586,9 @@ def _phase_dataset(files, cfg: PretrainConfig, phase_index: int, tokenizer_json:
                        generation=layout.generation, passes=cfg.train.corpus_passes, resume=resume,
                        label_selector=data_selector(cfg, [n.get("Labels") or {} for n in nodes],
                                                     [n["Resources"] for n in nodes], autoscaling=_has_autoscaler()))
-    return build_dataset(files, spec, counters_actor=counters, keep_provenance=cfg.train.record_instances)
+    ds = build_dataset(files, spec, counters_actor=counters, keep_provenance=cfg.train.record_instances)
+    ds.context.enable_progress_bars = progress_bars    # this runs in Train's process, not the driver's
+    return ds
 
 
 def describe_position(position: DataPosition) -> str:
@@ -630,9 +652,13 @@ def _has_autoscaler() -> bool:
         return False
 
 
-def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
+def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False, console: TextIO | None = None,
                     prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> PretrainResult:
     """Run (or resume) pretraining as configured; returns the final metrics and checkpoint URL.
+
+    `console`: where the workers' `bertray` log lines (metric lines, phases, warnings) are printed on
+    the driver, with a progress line on a terminal, for a driver that keeps Ray's own worker output
+    off its console (`ray.init(log_to_driver=False)`); None leaves them to Ray's log forwarding.
 
     `prepare_datasets` may replace the per-phase dataset factories (benchmarks/ingest.py feeds the
     same loop from memory to measure what the streaming pipeline costs). One driver at a time
@@ -649,7 +675,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False,
     lease = RunLease.acquire(run_url, stale_after_s=cfg.run.lease_stale_s)
     try:
         lease.start_heartbeat(min(60.0, cfg.run.lease_stale_s / 4))
-        return _run(cfg, run_url, started, progress_bars, prepare_datasets)
+        return _run(cfg, run_url, started, progress_bars, console, prepare_datasets)
     finally:
         lease.release()
 
@@ -673,12 +699,15 @@ def check_resume_config(cfg: PretrainConfig, saved: RunState | None, where: str)
     check_config_change(comparable(saved.config), comparable(to_mapping(cfg)), cfg.run.allowed_changes, where=where)
 
 
-def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
+def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool, console: TextIO | None,
          prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     saved = latest_run_state(run_url)
     check_resume_config(cfg, saved, where=f"{run_url} (step {saved.step})" if saved else run_url)
+    init_from = resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None
+    if init_from:
+        verify_checkpoint(init_from)        # here, once, rather than in every worker after the group started
     files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
     log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
     warning = preflight_layout(files, cfg.data.corpus_layout(), fmt=cfg.data.format,
@@ -691,20 +720,19 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
     evaluation = eval_batches(cfg, tokenizer_json, files)
     baselines = eval_baselines(evaluation)
     write_text(join_url(run_url, BASELINES), json.dumps(baselines) + "\n")
-    # On the driver's node: a counter on a node that is lost would take the run's totals with it.
-    counters = PipelineCounters.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)).remote()
-    datasets = {f"train_{i}": functools.partial(_phase_dataset, files, cfg, i, tokenizer_json, run_url, counters)
-                for i in range(len(cfg.train.phases))}
+    counters = on_driver_node(PipelineCounters).remote()
+    datasets = {f"train_{i}": functools.partial(_phase_dataset, files, cfg, i, tokenizer_json, run_url, counters,
+                                                progress_bars) for i in range(len(cfg.train.phases))}
     if prepare_datasets is not None:
         datasets = prepare_datasets(datasets)
 
-    storage_path, storage_fs = storage_for(cfg.run.output)
-    tensorboard_dir = _tensorboard_dir(cfg, run_url) if cfg.run.tensorboard else None
+    storage_path, storage_fs = ray_storage(cfg.run.output)
+    tensorboard_dir, tensorboard_url = _tensorboard_dirs(run_url) if cfg.run.tensorboard else (None, None)
     plan = WorkerPlan(config=cfg, bert_config=bert_config.to_dict(), tokenizer_json=tokenizer_json, run_url=run_url,
                       eval_batches=evaluation, baselines=baselines,
-                      init_from=resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None,
-                      tensorboard_dir=tensorboard_dir, corpus_files=len(files))
+                      init_from=init_from,
+                      tensorboard_dir=tensorboard_dir, tensorboard_url=tensorboard_url, corpus_files=len(files),
+                      console=on_driver_node(ConsoleLines).remote() if console is not None else None)
     scaling = ray.train.ScalingConfig(
         num_workers=tuple(cfg.scaling.num_workers) if cfg.scaling.elastic else cfg.scaling.max_workers,
         use_gpu=cfg.scaling.use_gpu,
@@ -716,7 +744,11 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"plan": plan}, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
                            dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)))
-    result = trainer.fit()
+    if console is None:
+        result = trainer.fit()
+    else:
+        with ConsoleFollower(plan.console, out=console):
+            result = trainer.fit()
     checkpoint_url = None
     if result.checkpoint is not None:
         name = os.path.basename(result.checkpoint.path.rstrip("/"))
@@ -734,11 +766,11 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
                           baselines=baselines)
 
 
-def _tensorboard_dir(cfg: PretrainConfig, run_url: str) -> str:
-    """Event files go to the run directory when it is local; remote runs log to a local folder
-    named after the run (TensorBoard's writer cannot append to object storage)."""
-    fs, path = fsspec.core.url_to_fs(run_url)
-    if is_local(fs):
-        return os.path.join(os.path.abspath(path), "tensorboard")
-    return os.path.join(tempfile.gettempdir(), "bertray-tensorboard", cfg.run.name)
-
+def _tensorboard_dirs(run_url: str) -> tuple[str, str | None]:
+    """(where rank 0 writes event files, where they are copied): the run directory itself when it is
+    local; for a remote run a local folder named after the run's URL, copied to
+    `<run>/tensorboard` at every checkpoint and at the end."""
+    if is_local_url(run_url):
+        return os.path.join(absolute_url(run_url), "tensorboard"), None
+    local = re.sub(r"[^A-Za-z0-9._-]+", "_", run_url)
+    return os.path.join(tempfile.gettempdir(), "bertray-tensorboard", local), join_url(run_url, "tensorboard")

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from bertray.config import PretrainConfig
+from bertray.train.config import PretrainConfig
 from bertray.errors import ConfigError
 from bertray.labels import describe, matches
 

@@ -15,11 +15,13 @@ decision on the device; bf16 (A100, H100) needs no scaler at all.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, get_args
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from bertray.train.config import Precision
+
+PRECISIONS = get_args(Precision)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (model, inputs) -> (loss, {metric: (value, weight)}); values are averaged weighted by their weights.

@@ -34,19 +34,6 @@ from bertray.tasks.registry import TaskSpec
 
 CARD_NAME = "README.md"
 
-# The transformers Auto class and Hub pipeline tag per family (the tagger has no Auto class).
-AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
-                "regression": "AutoModelForSequenceClassification",
-                "span": "AutoModelForQuestionAnswering",
-                "token": "AutoModelForTokenClassification",
-                "multiple_choice": "AutoModelForMultipleChoice"}
-FAMILY_TEXT = {"classification": "sequence classification", "regression": "sequence regression",
-               "span": "extractive question answering", "token": "token classification",
-               "multiple_choice": "multiple choice"}
-PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-classification",
-                 "span": "question-answering", "token": "token-classification",
-                 "multiple_choice": "multiple-choice"}
-
 
 def loadable_by_transformers(spec: TaskSpec) -> bool:
     """Whether a transformers Auto class builds this task's head (all but the feature-based tagger)."""
@@ -54,24 +41,19 @@ def loadable_by_transformers(spec: TaskSpec) -> bool:
 
 
 def config_keys(spec: TaskSpec, num_labels: int, max_seq_len: int) -> dict[str, Any]:
-    """The config.json keys that say what the head predicts, beyond the encoder's architecture."""
+    """The config.json keys that say what the head predicts, beyond the encoder's architecture;
+    the family adds its own (`problem_type`, the label maps)."""
     keys: dict[str, Any] = {"finetuning_task": spec.name, "num_labels": num_labels,
                             "bertray": {"task": spec.name, "family": spec.family, "max_seq_len": max_seq_len,
                                         "transformers_loadable": loadable_by_transformers(spec)}}
-    if spec.family == "regression":
-        keys["problem_type"] = "regression"
-    elif spec.family == "classification":
-        keys["problem_type"] = "single_label_classification"
-    if spec.family in ("classification", "token"):    # label2id with integer ids, as transformers writes it
-        keys["id2label"] = {str(i): label for i, label in enumerate(spec.labels)}
-        keys["label2id"] = {label: i for i, label in enumerate(spec.labels)}
+    keys.update(spec.family_info.export_config(spec))
     return keys
 
 
 def save_model(model: torch.nn.Module, tokenizer, spec: TaskSpec, directory: str | os.PathLike, *,
                max_seq_len: int) -> Path:
     """Write `model` (a bertray head) and `tokenizer` as a Hugging Face model folder (no card)."""
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
 
     folder = Path(directory)
     config = model.config
@@ -114,10 +96,12 @@ def model_card(spec: TaskSpec, trial: Mapping[str, Any], metrics: Mapping[str, A
         if trial.get(key):
             limits.append(f"first {trial[key]:,} {what} examples")
     scores = dev_metrics(spec, metrics)
-    family = FAMILY_TEXT[spec.family] + (", feature-based: frozen encoder, BiLSTM head" if spec.feature_based else "")
+    family = spec.family_info.description
+    if spec.feature_based:
+        family += ", feature-based: frozen encoder, BiLSTM head"
     primary = f"{spec.dev_splits[0]} {spec.metric}"
     lines = ["---", f"library_name: {'transformers' if loadable_by_transformers(spec) else 'bertray'}",
-             f"pipeline_tag: {PIPELINE_TAGS[spec.family]}", "tags:", "- bert", "- bertray", f"- {spec.name}", "---",
+             f"pipeline_tag: {spec.family_info.pipeline_tag}", "tags:", "- bert", "- bertray", f"- {spec.name}", "---",
              "", f"# {spec.name}: {spec.column}", "",
              f"BERT fine-tuned on {spec.name} ({family}) by bertray's fine-tuning sweep (flows/finetune.py).", "",
              "| | |", "|---|---|",
@@ -134,7 +118,7 @@ def model_card(spec: TaskSpec, trial: Mapping[str, Any], metrics: Mapping[str, A
         lines.append(f"| trial | {trial_id} |")
     lines += ["", "## Use", ""]
     if loadable_by_transformers(spec):
-        auto = AUTO_CLASSES[spec.family]
+        auto = spec.family_info.auto_class
         lines += ["```python", f"from transformers import AutoTokenizer, {auto}", "",
                   'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
                   f'model = {auto}.from_pretrained("path/to/this/folder").eval()', "```"]
@@ -152,5 +136,5 @@ def write_card(directory: str | os.PathLike, text: str) -> None:
     Path(directory, CARD_NAME).write_text(text, encoding="utf-8")
 
 
-__all__ = ["AUTO_CLASSES", "CARD_NAME", "config_keys", "dev_metrics", "loadable_by_transformers", "model_card",
-           "save_model", "write_card"]
+__all__ = ["CARD_NAME", "config_keys", "dev_metrics", "loadable_by_transformers", "model_card", "save_model",
+           "write_card"]

@@ -1,7 +1,7 @@
 """The results of a fine-tuning sweep: one record per trial, the winner per (checkpoint, task) on
 the dev metric, and the tables in the paper's layout (markdown), plus csv and json of every trial.
 
-Pure Python (no Ray): `bertray.tune.finetune` turns Tune's `ResultGrid` into `TrialRecord`s and
+Pure Python (no Ray): `bertray.tune.sweep` turns Tune's `ResultGrid` into `TrialRecord`s and
 calls `write_results`.
 
 Layout of `results.md`:
@@ -88,8 +88,8 @@ GLUE_AVERAGE_EXCLUDES = ("wnli",)    # the paper's footnote: WNLI is left out of
 def cell_values(spec: TaskSpec, metrics: Mapping[str, Any]) -> list[float | None]:
     """The numbers a paper column shows for one task: the primary metric of each dev split
     (MNLI m/mm, CoNLL dev/test), or EM and F1 for SQuAD."""
-    if spec.family == "span":
-        return [_number(metrics.get(f"{spec.dev_splits[0]}_{k}")) for k in ("exact_match", "f1")]
+    if spec.family_info.table_metrics:
+        return [_number(metrics.get(f"{spec.dev_splits[0]}_{k}")) for k in spec.family_info.table_metrics]
     return [_number(metrics.get(f"{split}_{spec.metric}")) for split in spec.dev_splits]
 
 
@@ -102,9 +102,7 @@ def _fmt(values: Sequence[float | None]) -> str:
 
 
 def column_header(spec: TaskSpec) -> str:
-    if spec.family == "token":
-        return f"{spec.column} dev/test"
-    return spec.column
+    return spec.column + spec.family_info.column_suffix
 
 
 def paper_tables(best: Mapping[tuple[str, str], TrialRecord], rows: Sequence[str],
@@ -289,5 +287,5 @@ def write_results(records: Sequence[TrialRecord], output: str, *, setting: Mappi
 
 
 def slug(text: str) -> str:
-    """A file-name-safe version of a row label."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "row"
+    """A row label as one folder name: safe characters only, never `.` or `..` (no leading dots)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lstrip(".") or "row"

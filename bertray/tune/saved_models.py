@@ -4,11 +4,11 @@ Every trial of a sweep that saves models writes its model into its Tune checkpoi
 `model/`, beside the prediction files), because no trial knows whether it will win. What
 survives depends on `save_models`:
 
-    none      trials save no model; no `<output>/models/` is made
-    winners   per (checkpoint row, task) the winner's model moves to `<output>/models/<row>/<task>/`
-              (replacing what an earlier sweep into the same output left there); every other
+    none      trials save no model; no `<sweep>/models/` is made
+    winners   per (checkpoint row, task) the winner's model moves to `<sweep>/models/<row>/<task>/`
+              (<sweep>: the sweep's own folder under its output); every other
               trial's model is deleted, most of them while the sweep still runs (`RunningBest`)
-    all       as winners, and every trial's model moves to `<output>/models/<row>/<task>/trials/<trial id>/`
+    all       as winners, and every trial's model moves to `<sweep>/models/<row>/<task>/trials/<trial id>/`
 
 The winner is the results table's (`results.select_best`). Models move with the file system of
 the output (fsspec): a rename on a local disk, copies then deletes in object storage. No model is
@@ -26,7 +26,7 @@ import os
 import posixpath
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 import fsspec
 
@@ -38,7 +38,8 @@ from bertray.tune.trainer import MODEL_DIR
 
 log = logging.getLogger("bertray.tune")
 
-SAVE_MODES = ("none", "winners", "all")
+SaveMode = Literal["none", "winners", "all"]
+SAVE_MODES = get_args(SaveMode)
 Group = tuple[str, str]          # (row label, task)
 
 

@@ -10,7 +10,7 @@ table (`bertray.tasks.registry`):
     each epoch: one pass over the shuffled training features (shuffled by (seed, epoch)), then
                 every labelled dev split is scored with the task's official metrics
 
-`finetune(TrialConfig(...), report=...)` calls `report(metrics, files)` after every epoch; `files`
+`run_trial(TrialConfig(...), report=...)` calls `report(metrics, files)` after every epoch; `files`
 is a directory with the epoch's prediction files on the last epoch (None before), and with
 `save_model` the fine-tuned model in the Hugging Face layout under `model/` (`bertray.tune.export`).
 The Ray Tune trial attaches it to its final report as a checkpoint so that the driver can collect
@@ -25,10 +25,8 @@ downloaded once per machine.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -37,14 +35,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import fsspec
 import numpy as np
 import torch
 
-from bertray.config import BertConfig, check
-from bertray.errors import TaskDataError
+from bertray.model.config import BertConfig
+from bertray.errors import TaskDataError, check
 from bertray.tasks.registry import TASKS, TaskSpec
 from bertray.tune import export
 from bertray.train.batches import attention_inputs, to_device
@@ -117,7 +115,7 @@ class TrialConfig:
 
 @dataclass
 class TrialOutcome:
-    """What `finetune` returns: per-epoch metrics (the last entry is the trial's result)."""
+    """What `run_trial` returns: per-epoch metrics (the last entry is the trial's result)."""
 
     history: list[dict[str, Any]]
     model: torch.nn.Module
@@ -202,23 +200,15 @@ class EvalSet:
 
 
 def head_class(spec: TaskSpec):
+    """The task's head, named by its family; imported here, so that the task table needs no torch."""
     from bertray.model import heads
 
-    if spec.family == "token":
-        return heads.BertFeatureBasedTagger if spec.feature_based else heads.BertForTokenClassification
-    return {"classification": heads.BertForSequenceClassification,
-            "regression": heads.BertForSequenceClassification,
-            "span": heads.BertForQuestionAnswering,
-            "multiple_choice": heads.BertForMultipleChoice}[spec.family]
+    return getattr(heads, spec.family_info.head_name(spec))
 
 
 def config_overrides(spec: TaskSpec, dropout: float | None) -> dict[str, Any]:
     """Label names for the head (one output for regression) and the fine-tuning dropout."""
-    out: dict[str, Any] = {}
-    if spec.family in ("classification", "token"):
-        out["id2label"] = dict(enumerate(spec.labels))
-    elif spec.family == "regression":
-        out["id2label"] = {0: "score"}
+    out: dict[str, Any] = dict(spec.family_info.config_overrides(spec))
     if dropout is not None:
         out.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return out
@@ -247,7 +237,7 @@ _SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 def target_keys(spec: TaskSpec) -> tuple[str, ...]:
-    return ("start_positions", "end_positions") if spec.family == "span" else ("labels",)
+    return spec.family_info.target_keys
 
 
 def make_batch(spec: TaskSpec, features: Mapping[str, np.ndarray], index: np.ndarray, device: torch.device,
@@ -263,21 +253,23 @@ def make_batch(spec: TaskSpec, features: Mapping[str, np.ndarray], index: np.nda
         attention, _ = attention_inputs(batch.pop("attention_mask"))
         batch.update({k: v for k, v in attention.items() if v is not None})
     if targets:
-        for key in target_keys(spec):
+        family = spec.family_info
+        for key in family.target_keys:
             value = features[key][index]
-            if spec.family == "token":
+            if family.targets_per_token:
                 value = value[..., :length]
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
-            batch[key] = tensor.float() if spec.family == "regression" else tensor.long()
+            batch[key] = torch.from_numpy(np.ascontiguousarray(value)).to(getattr(torch, family.target_dtype))
     return to_device(batch, device)
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, spec: TaskSpec, features: Mapping[str, np.ndarray], *,
             batch_size: int = 128, device: torch.device | None = None, precision: str = "auto") -> dict[str, np.ndarray]:
-    """Model outputs over all features, in feature order, padded back to the features' length:
-    `{"logits": ...}` or, for span tasks, `{"start_logits", "end_logits"}` (what `spec.evaluate` takes)."""
+    """Model outputs over all features, in feature order, padded back to the features' length: the
+    family's `output_keys`, `{"logits": ...}` or, for span tasks, `{"start_logits", "end_logits"}`
+    (what `spec.evaluate` takes)."""
     device = device or next(model.parameters()).device
+    family = spec.family_info
     was_training = model.training
     model.eval()
     n, seq_len = len(features["input_ids"]), features["input_ids"].shape[-1]
@@ -286,14 +278,12 @@ def predict(model: torch.nn.Module, spec: TaskSpec, features: Mapping[str, np.nd
         batch = make_batch(spec, features, np.arange(start, min(n, start + batch_size)), device, targets=False)
         with autocast(device, precision):
             out = model(**batch)
-        pieces = ({"start_logits": out.start_logits, "end_logits": out.end_logits} if spec.family == "span"
-                  else {"logits": out.logits})
-        for key, value in pieces.items():
-            value = value.float().cpu().numpy()
-            if spec.family in ("span", "token") and value.shape[1] < seq_len:   # back to the full length
+        for key in family.output_keys:
+            value = getattr(out, key).float().cpu().numpy()
+            if family.pad_value is not None and value.shape[1] < seq_len:   # back to the full length
                 pad = [(0, 0)] * value.ndim
                 pad[1] = (0, seq_len - value.shape[1])
-                value = np.pad(value, pad, constant_values=-1e4 if spec.family == "span" else 0.0)
+                value = np.pad(value, pad, constant_values=family.pad_value)
             parts.setdefault(key, []).append(value)
     model.train(was_training)
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -309,7 +299,7 @@ def flat_metrics(split: str, scores: Mapping[str, Any]) -> dict[str, float]:
     return {f"{split}_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float, np.number))}
 
 
-def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.device | str | None = None,
+def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.device | str | None = None,
              files_dir: str | None = None) -> TrialOutcome:
     """Run one trial; `report(metrics, files)` after every epoch (see the module docstring).
 
@@ -328,14 +318,13 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
 
     checkpoint = local_checkpoint(cfg.init_from, cfg.cache_dir)
     tokenizer = wordpiece.load(checkpoint)
     max_seq_len = cfg.max_seq_len or spec.max_seq_len
-    train_options = {"keep_offsets": False} if spec.family == "span" else {}
     _, train = load_split(spec, cfg.data, "train", tokenizer, max_seq_len, limit=cfg.max_train_examples,
-                          cache_dir=cfg.cache_dir, need_examples=False, **train_options)
+                          cache_dir=cfg.cache_dir, need_examples=False, **spec.family_info.train_options)
     eval_sets = [EvalSet(split, split in spec.dev_splits,
                          *load_split(spec, cfg.data, split, tokenizer, max_seq_len, limit=cfg.max_eval_examples,
                                      cache_dir=cfg.cache_dir))
@@ -415,60 +404,16 @@ def finetune(cfg: TrialConfig, *, report: Report | None = None, device: torch.de
 
 def write_predictions(spec: TaskSpec, s: EvalSet, outputs: Mapping[str, np.ndarray], directory: str, *,
                       tau: float | None = None) -> list[str]:
-    """The split's predictions in the task's customary format; GLUE test splits as the benchmark
-    server's submission files (`SST-2.tsv`, `MNLI-m.tsv`, ...). Returns the paths written.
+    """The split's predictions in the task's customary format (its family's `write_predictions`);
+    GLUE test splits as the benchmark server's submission files (`SST-2.tsv`, `MNLI-m.tsv`, ...).
+    Returns the paths written.
 
     SQuAD 2.0 answers are decoded at the no-answer threshold `tau`, which should be the one the
-    dev metrics report (`finetune` passes the tuned `{split}_tau`); None: tuned on `s` itself
+    dev metrics report (`run_trial` passes the tuned `{split}_tau`); None: tuned on `s` itself
     when it is labelled (what `spec.evaluate` does), else 0. The null odds file does not depend on
     it (+/-inf odds are written as large finite numbers)."""
-    from bertray.tasks import glue, squad
-
-    directory = str(directory)
-    if spec.family in ("classification", "regression"):
-        predictions = spec.decode(s.examples, s.features, outputs)
-        if not s.labelled:
-            return [glue.write_submission(spec.name, predictions, directory, s.split, s.examples)]
-        rows = [("index", "prediction", "label")] + [(e.guid, _text(p), _text(e.label))
-                                                      for e, p in zip(s.examples, predictions)]
-        return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
-    if spec.family == "span":
-        start, end = outputs["start_logits"], outputs["end_logits"]
-        if spec.allow_no_answer and tau is None:
-            tau = squad.best_tau(s.examples, s.features, start, end) if s.labelled else 0.0
-        predictions, odds = squad.decode_squad(s.examples, s.features, start, end,
-                                               allow_no_answer=spec.allow_no_answer, tau=tau or 0.0)
-        paths = [f"{directory}/{s.split}_predictions.json"]
-        squad.write_predictions(predictions, paths[0])
-        if odds:
-            paths.append(f"{directory}/{s.split}_null_odds.json")
-            squad.write_predictions(odds, paths[1])
-        return paths
-    if spec.family == "multiple_choice":
-        predictions = spec.decode(s.examples, s.features, outputs)
-        rows = [("guid", "prediction", "label")] + [(e.guid, str(p), "" if e.label is None else str(e.label))
-                                                    for e, p in zip(s.examples, predictions)]
-        return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
-    # token: conlleval's input, "word gold predicted" per line, a blank line between sentences
-    predictions = spec.decode(s.examples, s.features, outputs)
-    path = f"{directory}/{s.split}_predictions.txt"
-    with open(path, "w", encoding="utf-8") as f:
-        for example, tags in zip(s.examples, predictions):
-            f.writelines(f"{w} {g} {p}\n" for w, g, p in zip(example.words, example.tags, tags))
-            f.write("\n")
-    return [path]
+    return spec.family_info.write_predictions(spec, s, outputs, str(directory), tau)
 
 
-def _text(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _write_tsv(path: str, rows: Sequence[Sequence[str]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(rows)
-    Path(path).write_text(buffer.getvalue(), encoding="utf-8")
-    return path
-
-
-__all__ = ["TrialConfig", "TrialOutcome", "InjectedFault", "finetune", "build_model", "head_class", "predict",
+__all__ = ["TrialConfig", "TrialOutcome", "InjectedFault", "run_trial", "build_model", "head_class", "predict",
            "make_batch", "load_split", "write_predictions", "flat_metrics"]

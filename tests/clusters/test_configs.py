@@ -398,8 +398,9 @@ def test_documented_flow_commands_are_valid():
     import importlib.util
 
     from bertray.cli import config_from_args
-    from bertray.config import PretrainConfig
-    from bertray.tune.finetune import load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
+    from bertray.tune.sweep import FinetuneConfig
 
     commands = _documented_flow_commands()
     assert {"pretrain", "finetune", "inspect_data"} <= {flow for _, flow, _ in commands}
@@ -415,7 +416,7 @@ def test_documented_flow_commands_are_valid():
         elif flow == "finetune":
             overrides = module.overrides_from(args)
             default = "finetune-paper.yaml" if "data" in overrides else "finetune-embedded.yaml"
-            load_config(args.config or str(REPO / "flows" / "configs" / default), overrides)
+            load_config(FinetuneConfig, args.config or str(REPO / "flows" / "configs" / default), overrides)
 
 
 def test_examples_never_train_on_their_evaluation_text():
@@ -553,7 +554,8 @@ def test_every_node_installs_from_the_constraints_file():
 
 
 def _cluster_run_config():
-    from bertray.config import PretrainConfig, load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
 
     return load_config(PretrainConfig, str(REPO / "flows/configs/bert-base.yaml"), {"data.corpus": ["s3://b/c/"]})
 

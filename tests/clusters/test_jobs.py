@@ -236,8 +236,8 @@ def test_finetune_job(kit, pretrain_job, local_head, tmp_path, shared_data):
     assert jobs[job.submission_id]["status"] == "SUCCEEDED"
     assert "flows/finetune.py" in jobs[job.submission_id]["entrypoint"]
     # the results table, one row per trial of the 2-point grid
-    assert "SST-2" in (output / "results.md").read_text()
+    assert "SST-2" in (output / "latest" / "results.md").read_text()
     import csv
 
-    rows = list(csv.DictReader((output / "results.csv").open()))
+    rows = list(csv.DictReader((output / "latest" / "results.csv").open()))
     assert sorted(float(r["learning_rate"]) for r in rows if r["task"] == "sst2") == [3e-5, 5e-5], rows

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from bertray.config import DataSection, PhaseConfig
-from bertray.data.pipeline import PROVENANCE_COLUMNS, TRAINER_COLUMNS, holdout_key, iter_local, stream_spec
+from bertray.train.config import DataSection, PhaseConfig
+from bertray.data.pipeline import (PROVENANCE_COLUMNS, TRAINER_COLUMNS, holdout_key, iter_local, stream_spec,
+                                   unpack_doc_id)
 from bertray.data.pipeline import is_held_out as _is_held_out
 from bertray.data.sources import resolve_corpus
 from bertray.errors import ConfigError
@@ -67,8 +68,8 @@ def test_train_and_heldout_splits_partition_the_documents(shared_data, tokenizer
     all_docs = set(everything["doc_id"].tolist())
     assert train_docs | held_docs == all_docs
     assert 0.1 < len(held_docs) / len(all_docs) < 0.3
-    numbers = {d & 0xFFFFFFFF for d in all_docs}
-    assert {d & 0xFFFFFFFF for d in held_docs} == {n for n in numbers if is_held_out(files[0].url, n, 0.2)}
+    numbers = {unpack_doc_id(d)[1] for d in all_docs}
+    assert {unpack_doc_id(d)[1] for d in held_docs} == {n for n in numbers if is_held_out(files[0].url, n, 0.2)}
 
 
 def test_iter_local_is_the_stream_a_run_reads(shared_data, tokenizer):

@@ -139,7 +139,8 @@ def test_a_corpus_that_yields_nothing_fails_loudly_before_the_run(tmp_path):
 
 
 def test_a_run_that_trained_on_nothing_or_lost_too_many_files_is_an_error():
-    from bertray.config import PretrainConfig, from_mapping
+    from bertray.config import from_mapping
+    from bertray.train.config import PretrainConfig
     from bertray.errors import CorpusError
     from bertray.train.pretrain import check_stream
 

@@ -26,7 +26,7 @@ def _contains(whole: list[int], part: list[int]) -> bool:
 
 
 def test_instances_point_back_to_their_source_sentences(ray_cluster, tmp_path, capsys):
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
     from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters
     from bertray.data.sources import read_documents, resolve_corpus
 

@@ -9,7 +9,8 @@ from tokenizers import Tokenizer
 from bertray.data.documents import LAYOUT_PRESETS
 from bertray.data.masking import MaskingConfig
 from bertray.data.nsp import NSPConfig
-from bertray.data.pipeline import TRAINER_COLUMNS, PipelineCounters, StreamSpec, build_dataset
+from bertray.data.pipeline import (TRAINER_COLUMNS, PipelineCounters, StreamSpec, build_dataset, pack_doc_id,
+                                   unpack_doc_id)
 from bertray.data.sources import resolve_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -183,8 +184,6 @@ def test_buffers_close_by_count_or_by_size(tmp_path, tokenizer, docs_per_batch, 
 def test_pieces_of_a_cut_book_share_a_source_and_never_pair_as_not_next(tmp_path, tokenizer):
     """Two books, one file each, cut at 8 sentences (max_document_sentences): every piece of a book
     carries the id of its first piece, and a NotNext B always comes from the other book."""
-    import dataclasses
-
     from bertray.data.pipeline import TokenizePairMask, _read_unit
 
     for book in range(2):
@@ -195,15 +194,15 @@ def test_pieces_of_a_cut_book_share_a_source_and_never_pair_as_not_next(tmp_path
     (buffer,) = _read_unit(resolve_corpus(str(tmp_path)), 0, 0, spec, None)
     ids, sources = buffer.column("doc_ids")[0].as_py(), buffer.column("sources")[0].as_py()
     assert len(ids) == 10                                     # 2 books x 5 pieces, interleaved
-    assert sorted(set(sources)) == [0, 1 << 32]               # each book's first piece
-    assert all(src >> 32 == i >> 32 for i, src in zip(ids, sources))
+    assert sorted(set(sources)) == [pack_doc_id(0, 0), pack_doc_id(1, 0)]   # each book's first piece
+    assert all(unpack_doc_id(src)[0] == unpack_doc_id(i)[0] for i, src in zip(ids, sources))
     pair = TokenizePairMask(spec, columns=TRAINER_COLUMNS + ("doc_id", "b_doc_id"))
     not_next = 0
     for seed in range(10):
         pair.spec = dataclasses.replace(spec, seed=seed)
         out = pair(buffer)
         random_b = out["next_sentence_labels"] == 1
-        assert np.all(out["b_doc_id"][random_b] >> 32 != out["doc_id"][random_b] >> 32)
+        assert np.all(unpack_doc_id(out["b_doc_id"][random_b])[0] != unpack_doc_id(out["doc_id"][random_b])[0])
         not_next += int(random_b.sum())
     assert not_next > 50
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.model import bert
 from bertray.model.bert import ACTIVATIONS, BertModel, BertModelOutput, TokenPacking
 

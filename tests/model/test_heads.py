@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.errors import ConfigError
 from bertray.model.heads import (BertFeatureBasedTagger, BertForMultipleChoice, BertForPreTraining,
                                  BertForQuestionAnswering, BertForSequenceClassification,

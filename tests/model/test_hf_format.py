@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.errors import CheckpointError
 from bertray.model import hf_format
 from bertray.model.bert import BertModel
@@ -301,6 +301,24 @@ def test_truncated_safetensors_is_reported_as_corrupt(saved):
     with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
         BertForPreTraining.from_pretrained(saved)
     assert str(path) in str(info.value)
+
+
+def test_verify_checkpoint_reads_only_the_header_and_names_what_is_wrong(saved):
+    from bertray.model.hf_format import verify_checkpoint
+
+    assert verify_checkpoint(str(saved)).hidden_size == BertForPreTraining.from_pretrained(saved).config.hidden_size
+    path = saved / "model.safetensors"
+    whole = path.read_bytes()
+    for broken, why in ((whole[:-1], "truncated or padded"), (whole + b"\0", "truncated or padded"),
+                        (whole[:4], "corrupt or truncated"), (b"not safetensors" * 9, "corrupt or truncated")):
+        path.write_bytes(broken)
+        with pytest.raises(CheckpointError, match=why) as info:
+            verify_checkpoint(str(saved))
+        assert str(path) in str(info.value)
+    path.write_bytes(whole)
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not a usable BERT config"):
+        verify_checkpoint(str(saved))
 
 
 def test_garbage_safetensors_is_reported_as_corrupt(saved):

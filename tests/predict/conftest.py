@@ -33,7 +33,7 @@ def qa_model(tmp_path_factory, minilm_dir) -> pathlib.Path:
     """MiniLM with a (fresh) question-answering head, saved in the Hugging Face layout."""
     import torch
 
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
     from bertray.model.heads import BertForQuestionAnswering
 
     directory = tmp_path_factory.mktemp("qa-model")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, processors
 
+from bertray import wordpiece
 from bertray.errors import ConfigError, TaskDataError
 from bertray.tasks import glue
 from bertray.tasks.registry import TASKS
@@ -245,7 +246,7 @@ def test_pair_features_layout_and_truncation(shared_data, tokenizer):
         assert ids[0] == cls and len(seps) == 2 and seps[1] == n - 1
         assert (types[:seps[0] + 1] == 0).all() and (types[seps[0] + 1:n] == 1).all() and (ids[n:] == 0).all()
     # longest_first: the longer side loses tokens first, so when both were cut they end up even.
-    with glue.tokenizer_truncation(tokenizer, None):
+    with wordpiece.tokenizer_truncation(tokenizer, None):
         raw = [(len(tokenizer.encode(e.text_a, add_special_tokens=False).ids),
                 len(tokenizer.encode(e.text_b, add_special_tokens=False).ids)) for e in examples[:50]]
     seps = [np.flatnonzero(ids == sep) for ids in features["input_ids"]]
@@ -280,7 +281,7 @@ def test_a_tokenizer_without_the_bert_template_is_refused(minilm_dir):
     bare = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
     bare.post_processor = processors.ByteLevel()          # adds no [CLS]/[SEP]
     with pytest.raises(ConfigError, match="no \\[CLS\\] ... \\[SEP\\] template"):
-        glue.encode_pairs(bare, ["a sentence"], None, 16)
+        wordpiece.encode_pairs(bare, ["a sentence"], None, 16)
 
 
 def test_evaluate_in_percent(shared_data):

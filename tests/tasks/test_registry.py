@@ -1,10 +1,17 @@
+import dataclasses
+import inspect
 import os
+import pathlib
 import pickle
+import re
+from typing import Mapping
 
 import pytest
 
 from bertray.errors import ConfigError, TaskDataError
-from bertray.tasks.registry import FAMILIES, GROUPS, TASKS, TaskSpec, resolve_tasks
+from bertray.tasks.registry import FAMILIES, GROUPS, TASKS, Family, TaskSpec, resolve_tasks
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 ALL = ["mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte", "wnli",
        "squad1", "squad2", "swag", "conll2003", "conll2003_feature"]
@@ -91,3 +98,59 @@ def test_specs_survive_pickling_and_hash():
     # Ray Tune ships specs to trial workers.
     spec = pickle.loads(pickle.dumps(TASKS["squad2"]))
     assert spec == TASKS["squad2"] and hash(spec) == hash(TASKS["squad2"])
+
+
+# --------------------------------------------------------------------------------------------
+# Families: every difference between them lives in their entry
+
+
+OPTIONAL = {"feature_based_head", "pad_value"}      # None has a meaning there: no such head, not per token
+
+
+def test_every_family_defines_every_field():
+    for name, family in FAMILIES.items():
+        for f in dataclasses.fields(Family):
+            value = getattr(family, f.name)
+            assert value is not None or f.name in OPTIONAL, (name, f.name)
+        for key in ("read", "featurize", "decode", "evaluate", "write_predictions", "config_overrides",
+                    "export_config"):
+            assert callable(getattr(family, key)), (name, key)
+        for key in ("head", "auto_class", "pipeline_tag", "description"):
+            assert isinstance(getattr(family, key), str) and getattr(family, key), (name, key)
+        assert family.target_keys and all(isinstance(k, str) for k in family.target_keys), name
+        assert family.output_keys and all(isinstance(k, str) for k in family.output_keys), name
+        assert family.target_dtype in ("long", "float") and isinstance(family.targets_per_token, bool), name
+        assert family.pad_value is None or isinstance(family.pad_value, float), name
+        assert isinstance(family.train_options, Mapping), name
+    for spec in TASKS.values():           # what the families compute from a spec
+        assert isinstance(spec.family_info.config_overrides(spec), dict)
+        assert isinstance(spec.family_info.export_config(spec), dict)
+    assert FAMILIES["regression"].target_dtype == "float" and FAMILIES["span"].pad_value == -1e4
+    assert FAMILIES["token"].targets_per_token and FAMILIES["span"].train_options == {"keep_offsets": False}
+
+
+def test_head_names_resolve_to_heads_that_take_the_targets_and_give_the_outputs():
+    torch = pytest.importorskip("torch")
+    from bertray.model import heads
+
+    for name, family in FAMILIES.items():
+        for head in filter(None, (family.head, family.feature_based_head)):
+            cls = getattr(heads, head, None)
+            assert isinstance(cls, type) and issubclass(cls, torch.nn.Module), (name, head)
+            forward = inspect.signature(cls.forward)
+            assert set(family.target_keys) <= set(forward.parameters), (name, head)
+            output = getattr(heads, forward.return_annotation)         # a dataclass, e.g. TaskOutput
+            assert set(family.output_keys) <= {f.name for f in dataclasses.fields(output)}, (name, head)
+        assert isinstance(getattr(torch, family.target_dtype), torch.dtype), name
+    assert {n: s.family_info.head_name(s) for n, s in TASKS.items() if n in ("conll2003", "conll2003_feature")} \
+        == {"conll2003": "BertForTokenClassification", "conll2003_feature": "BertFeatureBasedTagger"}
+    with pytest.raises(ConfigError, match="no feature-based head"):
+        FAMILIES["span"].head_name(dataclasses.replace(TASKS["squad1"], feature_based=True))
+
+
+@pytest.mark.parametrize("path", ["bertray/tune/trainer.py", "bertray/tune/export.py"])
+def test_the_trainer_and_the_export_hold_no_family_switch(path):
+    text = (REPO / path).read_text(encoding="utf-8")
+    assert not re.findall(r"spec\.family\s*(?:==|!=|in\s*[(\[{])", text)
+    assert not re.findall(r"(?<!FAMILIES)\[\s*spec\.family\s*\]", text)     # no dict keyed by family
+    assert not [n for n in FAMILIES if re.search(rf"[\"']{n}[\"']", text)]   # nor a family's name

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.errors import CheckpointError
 from bertray.train.checkpoints import (CONVERT_COMMAND, RUN_STATE, TRAINING_STATE, RunState, check_config_change,
                                        checkpoint_step, config_changes, load_run_state, load_training_state,
@@ -81,7 +81,7 @@ def test_set_rng_state_restores_python_numpy_and_torch_streams(tmp_path):
 
 
 def test_save_training_checkpoint_writes_a_loadable_checkpoint(tmp_path):
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
     from bertray.model.heads import BertForPreTraining
 
     vocab = tmp_path / "vocab.txt"

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent('''
     import ray
     from ray.cluster_utils import Cluster
 
-    from bertray.config import PretrainConfig, load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
     from bertray.train.pretrain import run_pretraining
 
     corpus, output = sys.argv[1], Path(sys.argv[2])
@@ -71,7 +72,7 @@ SCRIPT = textwrap.dedent('''
 def test_a_lost_worker_node_shrinks_the_group_and_the_run_trains_every_instance_once(tmp_path):
     from tokenizers import Tokenizer
 
-    from bertray.config import DataSection, PhaseConfig
+    from bertray.train.config import DataSection, PhaseConfig
     from bertray.data.pipeline import PROVENANCE_COLUMNS, iter_local, stream_spec
     from bertray.data.sources import resolve_corpus
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from bertray.config import PretrainConfig, load_config
-from bertray.data.pipeline import holdout_key, is_held_out, iter_local, stream_spec
+from bertray.config import load_config
+from bertray.train.config import PretrainConfig
+from bertray.data.pipeline import holdout_key, is_held_out, iter_local, stream_spec, unpack_doc_id
 from bertray.data.sources import resolve_corpus
 from bertray.errors import ConfigError
 from bertray.train.pretrain import EVAL_SEED, eval_baselines, eval_batches
@@ -48,7 +49,7 @@ def test_held_out_documents_are_the_evaluation_set(ray_cluster):
     parts = list(iter_local(files, spec, columns=("input_ids", "doc_id")))
     held = np.concatenate([p["input_ids"] for p in parts])[:32]
     np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in batches]), held)
-    numbers = {int(d) & 0xFFFFFFFF for p in parts for d in p["doc_id"]}
+    numbers = {unpack_doc_id(int(d))[1] for p in parts for d in p["doc_id"]}
     assert numbers and all(is_held_out(holdout_key(files[0].url), n, 0.2) for n in numbers)
     train = np.concatenate([p["input_ids"] for p in iter_local(files, dataclasses.replace(spec, split="train"))])
     assert not {r.tobytes() for r in held} & {r.tobytes() for r in train}

@@ -37,7 +37,8 @@ SCRIPT = textwrap.dedent('''
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors, list_tasks
 
-    from bertray.config import PretrainConfig, load_config
+    from bertray.config import load_config
+    from bertray.train.config import PretrainConfig
     from bertray.train.pretrain import run_pretraining
 
     corpus, output, events, passes = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
@@ -167,7 +168,7 @@ def trained_against_the_pass(tmp_path: Path) -> tuple[Counter, Counter]:
     instance of the pass, computed without Ray from the same tokenizer and settings."""
     from tokenizers import Tokenizer
 
-    from bertray.config import DataSection, PhaseConfig
+    from bertray.train.config import DataSection, PhaseConfig
     from bertray.data.pipeline import PROVENANCE_COLUMNS, iter_local, stream_spec
     from bertray.data.sources import resolve_corpus
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.model.heads import BertForPreTraining
 from bertray.train.optim import BertAdam, Lamb, make_optimizer, parameter_groups, warmup_linear_decay
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import pickle
 import re
+import shutil
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from bertray.config import PretrainConfig, load_config
+from bertray.config import load_config
+from bertray.train.config import PretrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -106,8 +108,8 @@ def test_preserve_order_resumes_with_the_same_batches_bit_for_bit(ray_cluster, t
 
 
 def test_resume_guards(ray_cluster, tmp_path, small_files, capsys):
-    """A second writer, a changed model on resume, `latest` pointing outside the run, and a planted
-    pickle payload are each refused before anything trains, with a message that says what to do."""
+    """A second writer, a changed model on resume, a truncated `model.init_from`, `latest` pointing
+    outside the run, and a planted pickle payload are each refused before anything trains, with a message that says what to do."""
     from bertray.errors import CheckpointError
     from bertray.train.lease import RunLease, RunLeaseError
     from bertray.train.pretrain import run_pretraining
@@ -129,6 +131,13 @@ def test_resume_guards(ray_cluster, tmp_path, small_files, capsys):
     changed = config(tmp_path, small_files, "guarded", **{"train.max_steps": 8, "model.preset": "mini"})
     with pytest.raises(CheckpointError, match="model.preset: 'tiny' -> 'mini'.*allow_config_change model.preset"):
         run_pretraining(changed)
+
+    broken = tmp_path / "broken-init"             # a start from a checkpoint cut short: named before workers start
+    shutil.copytree(run / "checkpoint_00000004", broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"broken-init/model.safetensors is truncated"):
+        run_pretraining(config(tmp_path, small_files, "from-broken", **{"model.init_from": str(broken)}))
+    assert not (tmp_path / "from-broken" / "latest").exists()
 
     (run / "latest").write_text("../elsewhere/checkpoint_00000004\n")
     with pytest.raises(CheckpointError, match="latest"):

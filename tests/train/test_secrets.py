@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from bertray.config import PretrainConfig, from_mapping
+from bertray.config import from_mapping
+from bertray.train.config import PretrainConfig
 from bertray.errors import ConfigError
 from bertray.storage import credential_keys, redact_url
 

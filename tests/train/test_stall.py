@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from bertray.config import PretrainConfig, from_mapping
+from bertray.config import from_mapping
+from bertray.train.config import PretrainConfig
 from bertray.train.resources import ResourceShortage, check_resources, data_selector, place, run_demands
 from bertray.train.stall import BatchWatchdog, DataStall
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bertray.config import BertConfig
+from bertray.model.config import BertConfig
 from bertray.model.heads import BertForPreTraining, BertForSequenceClassification
 from bertray.tasks.registry import TASKS
 from bertray.train.batches import pretraining_batch
@@ -186,7 +186,7 @@ def test_the_counter_sees_what_the_model_does_without_host_prepared_batches(monk
 
 
 def test_finetuning_steps_make_no_host_sync(monkeypatch, shared_data, minilm_dir):
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
     from bertray.tune.trainer import load_split
 
     spec = TASKS["sst2"]

@@ -17,8 +17,8 @@ def make_checkpoint(directory: pathlib.Path, minilm_dir: pathlib.Path, *, is_cau
     saved as a checkpoint directory in the Hugging Face layout (what a pretraining run writes)."""
     import torch
 
-    from bertray import tokenizer as wordpiece
-    from bertray.config import BertConfig
+    from bertray import wordpiece
+    from bertray.model.config import BertConfig
     from bertray.model.heads import BertForPreTraining
 
     torch.manual_seed(seed)

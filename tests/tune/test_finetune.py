@@ -1,4 +1,4 @@
-"""The sweep on Ray Tune (flows/finetune.py -> bertray.tune.finetune): grid construction, trial
+"""The sweep on Ray Tune (flows/finetune.py -> bertray.tune.sweep): grid construction, trial
 resources, checkpoint resolution, and real Tune runs on the local 2-CPU cluster with a failing trial."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import pathlib
 
 import pytest
 
+from bertray.config import load_config
 from bertray.errors import CheckpointError, ConfigError
 from bertray.tasks.registry import TASKS, resolve_tasks
-from bertray.tune import finetune as ft
-from bertray.tune.finetune import FinetuneConfig
+from bertray.tune import sweep as ft
+from bertray.tune.sweep import FinetuneConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -49,10 +50,13 @@ def test_config_is_validated_at_the_edge():
         FinetuneConfig(max_seq_len=4)
     with pytest.raises(ConfigError, match="fail_trials"):
         FinetuneConfig(fail_trials=("sst2@fast",))
+    for names in ({"labels": ("..",)}, {"labels": ("a/../b",)}, {"name": ".."}, {"name": "a/b"}):
+        with pytest.raises(ConfigError, match="must be a folder name"):     # nothing climbs out of the output
+            FinetuneConfig(**names)
     with pytest.raises(ConfigError, match="unknown key 'lr'"):
-        ft.load_config(None, {"lr": [1e-4]})
+        load_config(FinetuneConfig, None, {"lr": [1e-4]})
     for name in ("finetune-embedded.yaml", "finetune-paper.yaml"):      # the shipped configs load
-        ft.load_config(str(REPO / "flows" / "configs" / name), {})
+        load_config(FinetuneConfig, str(REPO / "flows" / "configs" / name), {})
 
 
 def test_trials_carry_the_row_grid_point_and_fault_injection(tmp_path):
@@ -115,13 +119,16 @@ def test_the_default_checkpoint_missing_says_how_to_make_one(tmp_path, monkeypat
 
 def test_flow_flags_map_onto_the_config():
     flow = _flow()
-    args = flow.build_parser().parse_args(["--lr", "5e-5", "3e-5", "--seeds", "3", "--random-init", "--tasks", "glue",
-                                           "--max-seq-len", "64", "--no-predictions", "--scheduler", "asha"])
+    args = flow.build_parser().parse_args(["--lr", "5e-5", "3e-5", "--restarts", "3", "--random-init", "--tasks",
+                                           "glue", "--max-seq-len", "64", "--no-predictions", "--scheduler", "asha"])
     assert flow.overrides_from(args) == {"learning_rates": [5e-5, 3e-5], "seeds": [0, 1, 2], "random_init": True,
                                          "tasks": "glue", "max_seq_len": 64, "predictions": False,
                                          "scheduler": "asha"}
-    args = flow.build_parser().parse_args(["--seeds", "0", "42"])
-    assert flow.overrides_from(args) == {"seeds": [0, 42]}
+    for given, seeds in ((["--seed", "42"], [42]), (["--seeds", "42"], [42]), (["--seeds", "0", "42"], [0, 42])):
+        assert flow.overrides_from(flow.build_parser().parse_args(given)) == {"seeds": seeds}   # seeds, as named
+    for wrong, message in ((["--seed", "1", "--restarts", "2"], "not both"), (["--restarts", "0"], "at least 1")):
+        with pytest.raises(ConfigError, match=message):
+            flow.overrides_from(flow.build_parser().parse_args(wrong))
 
 
 def test_flow_without_a_pretraining_checkpoint_says_how_to_make_one(tmp_path, capsys, monkeypatch):
@@ -130,6 +137,41 @@ def test_flow_without_a_pretraining_checkpoint_says_how_to_make_one(tmp_path, ca
     monkeypatch.setattr("bertray.cli.REPO", tmp_path)    # no runs/ in the repository either
     assert flow.main(["--output", str(tmp_path / "out")]) == 2
     assert "python flows/pretrain.py" in capsys.readouterr().err
+
+
+def test_each_sweep_has_its_own_folder_and_latest_names_the_newest(tmp_path, s3_bucket):
+    """A second sweep into the same output leaves the first one's folder alone; `latest` moves
+    (a link on a local disk, a one-line file in object storage)."""
+    for output in (str(tmp_path / "out"), f"s3://{s3_bucket}/sweeps"):
+        for name in ("finetune-1", "finetune-2"):
+            tables = f"{output}/{name}/results.md"
+            fs, path = __import__("fsspec").core.url_to_fs(tables)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            fs.pipe_file(path, name.encode())
+            ft.point_latest(output, name)
+            assert ft.latest_sweep(output) == ft.absolute_url(f"{output}/{name}")
+        assert fs.cat_file(f"{path.rsplit('/', 2)[0]}/finetune-1/results.md") == b"finetune-1"
+    assert (tmp_path / "out" / "latest").is_symlink() and (tmp_path / "out" / "latest" / "results.md").read_text() == \
+        "finetune-2"
+
+
+def test_a_truncated_checkpoint_fails_the_flow_in_one_line_before_ray_starts(tiny_checkpoint, tmp_path, capsys,
+                                                                               monkeypatch):
+    """What every trial would read is checked once on the driver: a `model.safetensors` cut short
+    (an interrupted copy) ends the flow with exit 2 and one line naming the file, before Ray starts."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    started = []
+    monkeypatch.setattr("bertray.cli.start_ray", lambda *a, **k: started.append(a))
+    flow = _flow()
+    assert flow.main(["--init-from", str(broken), "--tasks", "sst2", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: init_from:") and str(weights) in err[0], err
+    assert "truncated" in err[0] and not started
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,11 +189,16 @@ def test_sweep_over_two_tasks_reports_winners_predictions_and_the_failed_trial(r
         "--init-from", str(tiny_checkpoint), "--label", "tiny", "--tasks", "sst2,mrpc", "--data", str(samples),
         "--lr", "1e-3", "3e-4", "--batch-size", "16", "--epochs", "2", "--max-train-examples", "64",
         "--max-eval-examples", "48", "--max-seq-len", "32", "--output", str(out), "--fail-trials", "mrpc@3e-4",
-        "--max-failures", "1", "--quiet", "--json", str(tmp_path / "summary.json")])
+        "--max-failures", "1", "--json", str(tmp_path / "summary.json")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| checkpoint | SST-2 | MRPC | Average |" in printed and "| tiny |" in printed
-    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    # the console: a line per trial start and end, the ends counted
+    ends = [line for line in printed.splitlines() if line.startswith(("finished ", "FAILED "))]
+    assert sorted(line.split()[0] for line in ends) == ["FAILED", "finished", "finished", "finished"], printed
+    assert ends[-1].endswith("[4/4 trials done]") and "mrpc (tiny) lr 0.0003" in next(e for e in ends if "FAILED" in e)
+    assert sum(line.startswith("started ") for line in printed.splitlines()) >= 4
+    rows = list(csv.DictReader(io.StringIO((out / "latest" / "results.csv").read_text())))
     assert len(rows) == 4
     by_status = {}
     for r in rows:
@@ -162,22 +209,22 @@ def test_sweep_over_two_tasks_reports_winners_predictions_and_the_failed_trial(r
     for r in rows:
         if r["status"] == "OK":                                   # every epoch reported; the last is the result
             assert r["epoch"] == "2" and float(r["score"]) == float(r[f"dev_{'accuracy' if r['task'] == 'sst2' else 'f1'}"])
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "latest" / "results.json").read_text())
     best = {b["task"]: b for b in results["best"]}
     assert set(best) == {"sst2", "mrpc"} and best["mrpc"]["config"]["learning_rate"] == 1e-3
     sst2 = [r for r in rows if r["task"] == "sst2"]
     assert best["sst2"]["score"] == max(float(r["score"]) for r in sst2)
     assert failed["failures"] == "2" and all(r["failures"] == "0" for r in rows if r["status"] == "OK")
-    md = (out / "results.md").read_text()
+    md = (out / "latest" / "results.md").read_text()
     assert "| tiny | mrpc |" in md[md.index("Failed and retried trials"):]
     assert "| FAILED | 2 | bertray.tune.trainer.InjectedFault: injected failure for mrpc" in md
     assert "| tiny | sst2 | " in md[md.index("Winning grid points"):]
     # the winners' prediction files were copied out of their Tune checkpoints
-    assert (out / "predictions" / "sst2" / "dev_predictions.tsv").is_file()
-    assert len((out / "predictions" / "sst2" / "SST-2.tsv").read_text().splitlines()) == 49
-    assert (out / "predictions" / "mrpc" / "MRPC.tsv").is_file()
+    assert (out / "latest" / "predictions" / "sst2" / "dev_predictions.tsv").is_file()
+    assert len((out / "latest" / "predictions" / "sst2" / "SST-2.tsv").read_text().splitlines()) == 49
+    assert (out / "latest" / "predictions" / "mrpc" / "MRPC.tsv").is_file()
     # Tune retried the failing trial (max_failures=1) before giving up: two recorded failures
-    (error_file,) = [p for p in (out / "tune").rglob("error.txt")]
+    (error_file,) = [p for p in (out / "latest" / "tune").rglob("error.txt")]
     assert error_file.read_text().count("InjectedFault") >= 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["trials"] == 4 and summary["failed"] == 1
@@ -215,11 +262,13 @@ def test_asha_compares_trials_of_one_task_only_with_results_in_object_storage(ra
         f"asha group 1/2: {row} / sst2, 2 trials", f"asha group 2/2: {row} / stsb, 2 trials"]
     assert set(sweep.best) == {(row, "sst2"), (row, "stsb")}
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    assert "| checkpoint | SST-2 | STS-B | Average |" in fs.cat_file(f"{s3_bucket}/finetune/results.md").decode()
+    folder = f"{s3_bucket}/finetune/" + fs.cat_file(f"{s3_bucket}/finetune/latest").decode().strip()   # the sweep's own
+    assert ft.latest_sweep(f"s3://{s3_bucket}/finetune") == f"s3://{folder}"
+    assert "| checkpoint | SST-2 | STS-B | Average |" in fs.cat_file(f"{folder}/results.md").decode()
     for task, submission in (("sst2", "SST-2.tsv"), ("stsb", "STS-B.tsv")):
-        assert fs.isfile(f"{s3_bucket}/finetune/predictions/{task}/dev_predictions.tsv")
-        assert fs.isfile(f"{s3_bucket}/finetune/predictions/{task}/{submission}")
-    # one Tune experiment per group, inside the sweep's experiment directory
-    assert sweep.experiment.startswith(f"{s3_bucket}/finetune/tune/") and fs.isdir(sweep.experiment)
+        assert fs.isfile(f"{folder}/predictions/{task}/dev_predictions.tsv")
+        assert fs.isfile(f"{folder}/predictions/{task}/{submission}")
+    # one Tune experiment per group, inside the sweep's folder
+    assert sweep.experiment == f"s3://{folder}/tune" and fs.isdir(sweep.experiment)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(sweep.experiment) if fs.isdir(p)) == [
         f"1-{ft.tables.slug(row)}-sst2", f"2-{ft.tables.slug(row)}-stsb"]

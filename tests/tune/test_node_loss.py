@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    from bertray.tune import finetune as ft
+    from bertray.tune import sweep as ft
 
     checkpoint, samples, output = sys.argv[1:4]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -82,6 +82,6 @@ def test_a_trial_whose_node_is_lost_is_retried_elsewhere_and_the_table_is_comple
     assert sorted(r["lr"] for r in records) == [3e-4, 1e-3]
     assert all(r["status"] == "OK" for r in records), records
     assert sorted(r["failures"] for r in records) == [0, 1], records       # the lost trial, retried once
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    rows = list(csv.DictReader((out / "latest" / "results.csv").open()))
     assert len(rows) == 2 and all(r["status"] == "OK" and r["epoch"] == "8" for r in rows), rows
-    assert "| tiny |" in (out / "results.md").read_text()
+    assert "| tiny |" in (out / "latest" / "results.md").read_text()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from bertray.tune.trainer import TrialConfig, finetune
+from bertray.tune.trainer import TrialConfig, run_trial
 
 MAJORITY = 50.9
 BOUND = 72.0
@@ -24,7 +24,7 @@ def test_minilm_learns_sst2_from_2000_examples(minilm_dir, shared_data, tmp_path
     cfg = TrialConfig(task="sst2", init_from=str(minilm_dir), data=str(shared_data), learning_rate=5e-5,
                       batch_size=32, epochs=1, max_seq_len=64, max_train_examples=2000, seed=0, threads=2,
                       cache_dir=str(tmp_path), predictions=False)
-    outcome = finetune(cfg)
+    outcome = run_trial(cfg)
     accuracy = outcome.metrics["dev_accuracy"]
     assert accuracy >= BOUND, f"dev accuracy {accuracy:.2f} < {BOUND} (majority class {MAJORITY})"
     assert outcome.metrics["train_loss"] < 0.69          # below chance-level cross-entropy, ln 2

@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from bertray import tokenizer as wordpiece
+from bertray import wordpiece
+from bertray.config import load_config
 from bertray.errors import ConfigError
 from bertray.tasks.registry import TASKS
 from bertray.tune import export, saved_models
-from bertray.tune import finetune as ft
-from bertray.tune.finetune import FinetuneConfig
+from bertray.tune import sweep as ft
+from bertray.tune.sweep import FinetuneConfig
 from bertray.tune.trainer import head_class, load_split, predict
 
 transformers = pytest.importorskip("transformers")
@@ -117,7 +118,7 @@ def test_keep_models_moves_the_tables_winner_and_leaves_no_model_in_tune(tmp_pat
 
 def test_save_models_is_validated_and_reaches_the_trials():
     with pytest.raises(ConfigError, match="save_models.*'some'"):
-        ft.load_config(None, {"save_models": "some"})
+        load_config(FinetuneConfig, None, {"save_models": "some"})
     with pytest.raises(ConfigError, match="save_models"):
         FinetuneConfig(save_models="best")
     cfg = FinetuneConfig(tasks="sst2", learning_rates=(1e-4,))
@@ -227,18 +228,19 @@ def winners_sweep(ray_cluster, data_root, minilm_dir, tmp_path_factory):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    return sweep, out / "run", messages
+    assert (out / "run" / "latest").resolve() == pathlib.Path(sweep.folder)      # latest names the new sweep
+    return sweep, pathlib.Path(sweep.folder), messages
 
 
 @pytest.fixture(scope="module")
 def direct_models(data_root, minilm_dir, tmp_path_factory) -> pathlib.Path:
     """<folder>/<task>/: the files of one trial run without Ray (`finetune` with `save_model`), its
     model/ and its dev predictions, for the families the sweep above does not cover."""
-    from bertray.tune.trainer import TrialConfig, finetune
+    from bertray.tune.trainer import TrialConfig, run_trial
 
     out = tmp_path_factory.mktemp("direct")
     for task in ("squad1", "swag", "conll2003", "conll2003_feature"):
-        finetune(TrialConfig(task=task, init_from=str(minilm_dir), data=str(data_root), learning_rate=1e-4,
+        run_trial(TrialConfig(task=task, init_from=str(minilm_dir), data=str(data_root), learning_rate=1e-4,
                              batch_size=8, epochs=1, max_seq_len=SEQ, max_train_examples=16,
                              max_eval_examples=N_EVAL, threads=1, cache_dir=str(out / "cache"), save_model=True),
                  files_dir=str(out / task))
@@ -434,7 +436,9 @@ def test_all_keeps_every_trials_model_in_object_storage(ray_cluster, data_root, 
     sweep = _sweep(output, data_root, minilm_dir, tmp_path / "cache", save_models="all", max_train_examples=8,
                    max_eval_examples=8)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    root = f"{s3_bucket}/ft/models/minilm/sst2"
+    folder = sweep.folder.removeprefix("s3://")
+    assert ft.latest_sweep(output) == sweep.folder
+    root = f"{folder}/models/minilm/sst2"
     winner = sweep.best[("minilm", "sst2")]
     assert sweep.models == {("minilm", "sst2"): f"s3://{root}"} and winner.model == f"s3://{root}"
     ids = sorted(r.trial_id for r in sweep.records)
@@ -450,7 +454,7 @@ def test_all_keeps_every_trials_model_in_object_storage(ray_cluster, data_root, 
     weights = {name: _md5(fs, f"{root}/{name}model.safetensors") for name in ("", f"trials/{winner.trial_id}/",
                                                                              f"trials/{loser.trial_id}/")}
     assert weights[""] == weights[f"trials/{winner.trial_id}/"] != weights[f"trials/{loser.trial_id}/"]
-    assert not [p for p in fs.find(f"{s3_bucket}/ft/tune") if p.endswith("model.safetensors")]
+    assert not [p for p in fs.find(f"{folder}/tune") if p.endswith("model.safetensors")]
     local = tmp_path / "winner"
     local.mkdir()
     for name in MODEL_FILES:
@@ -470,7 +474,8 @@ def test_none_keeps_no_model(ray_cluster, data_root, minilm_dir, tmp_path, capsy
                            "--quiet"])
     assert code == 0
     assert "  model  " not in capsys.readouterr().out
-    assert not (out / "models").exists()
-    assert (out / "predictions" / "sst2" / "dev_predictions.tsv").is_file()
-    assert not [p for p in (out / "tune").rglob("model") if p.is_dir()]           # the trial saved none
-    assert math.isfinite(json.loads((out / "results.json").read_text())["best"][0]["score"])
+    sweep = out / "latest"
+    assert not (sweep / "models").exists()
+    assert (sweep / "predictions" / "sst2" / "dev_predictions.tsv").is_file()
+    assert not [p for p in (sweep / "tune").rglob("model") if p.is_dir()]           # the trial saved none
+    assert math.isfinite(json.loads((sweep / "results.json").read_text())["best"][0]["score"])

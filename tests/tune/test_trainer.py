@@ -15,7 +15,7 @@ from bertray.tasks import metrics, squad
 from bertray.tasks.registry import TASKS
 from bertray.train import checkpoints
 from bertray.tune import trainer
-from bertray.tune.trainer import InjectedFault, TrialConfig, finetune
+from bertray.tune.trainer import InjectedFault, TrialConfig, run_trial
 
 
 def _cfg(checkpoint, data, task="sst2", **kw) -> TrialConfig:
@@ -27,7 +27,7 @@ def _cfg(checkpoint, data, task="sst2", **kw) -> TrialConfig:
 def test_reports_every_epoch_and_writes_glue_predictions(tiny_checkpoint, samples, tmp_path):
     reports = []
     files = tmp_path / "files"
-    out = finetune(_cfg(tiny_checkpoint, samples, cache_dir=str(tmp_path / "cache")),
+    out = run_trial(_cfg(tiny_checkpoint, samples, cache_dir=str(tmp_path / "cache")),
                    report=lambda m, f: reports.append((m, f)), files_dir=str(files))
     assert [m["epoch"] for m, _ in reports] == [1, 2]
     assert [f for _, f in reports] == [None, str(files)]          # files only with the last report
@@ -45,7 +45,7 @@ def test_reports_every_epoch_and_writes_glue_predictions(tiny_checkpoint, sample
 
 
 def test_regression_head_has_one_output_and_scores_correlations(tiny_checkpoint, samples, tmp_path):
-    out = finetune(_cfg(tiny_checkpoint, samples, task="stsb", epochs=1, cache_dir=str(tmp_path)), files_dir=str(tmp_path / "f"))
+    out = run_trial(_cfg(tiny_checkpoint, samples, task="stsb", epochs=1, cache_dir=str(tmp_path)), files_dir=str(tmp_path / "f"))
     assert out.model.classifier.out_features == 1
     assert {"dev_spearman", "dev_pearson"} <= set(out.metrics) and out.metrics["score"] == out.metrics["dev_spearman"]
     predictions = (tmp_path / "f" / "dev_predictions.tsv").read_text().splitlines()[1:]
@@ -63,7 +63,7 @@ def test_regression_head_has_one_output_and_scores_correlations(tiny_checkpoint,
 def test_every_family_trains_scores_and_writes_predictions(tiny_checkpoint, families_root, tmp_path, task, files):
     spec = TASKS[task]
     seq = 96 if spec.family == "span" else 48
-    out = finetune(_cfg(tiny_checkpoint, families_root, task=task, epochs=1, max_seq_len=seq, batch_size=4,
+    out = run_trial(_cfg(tiny_checkpoint, families_root, task=task, epochs=1, max_seq_len=seq, batch_size=4,
                         max_train_examples=12, max_eval_examples=8, cache_dir=str(tmp_path)),
                    files_dir=str(tmp_path / "f"))
     m = out.metrics
@@ -137,7 +137,7 @@ def test_squad2_prediction_files_use_the_tuned_tau(minilm_dir, tmp_path):
 
 
 def test_train_features_come_from_the_disk_cache(tiny_checkpoint, samples, tmp_path, monkeypatch):
-    from bertray import tokenizer as wordpiece
+    from bertray import wordpiece
     from bertray.tasks import glue
 
     spec, tok = TASKS["mrpc"], wordpiece.load(tiny_checkpoint)
@@ -180,7 +180,7 @@ def test_random_init_keeps_the_architecture_and_draws_fresh_weights(tiny_checkpo
 
 
 def test_same_seed_same_result_and_seeds_differ(tiny_checkpoint, samples, tmp_path):
-    run = lambda seed: finetune(_cfg(tiny_checkpoint, samples, epochs=1, seed=seed, predictions=False,
+    run = lambda seed: run_trial(_cfg(tiny_checkpoint, samples, epochs=1, seed=seed, predictions=False,
                                      cache_dir=str(tmp_path))).metrics["train_loss"]
     first = run(0)
     assert run(0) == pytest.approx(first, rel=1e-6)
@@ -189,11 +189,11 @@ def test_same_seed_same_result_and_seeds_differ(tiny_checkpoint, samples, tmp_pa
 
 def test_injected_fault_and_missing_inputs_raise_clear_errors(tiny_checkpoint, samples, tmp_path):
     with pytest.raises(InjectedFault, match="injected failure for sst2"):
-        finetune(_cfg(tiny_checkpoint, samples, fail=True))
+        run_trial(_cfg(tiny_checkpoint, samples, fail=True))
     with pytest.raises(CheckpointError, match="no config.json"):
-        finetune(_cfg(tmp_path / "nowhere", samples))
+        run_trial(_cfg(tmp_path / "nowhere", samples))
     with pytest.raises(TaskDataError, match="glue/MRPC"):
-        finetune(_cfg(tiny_checkpoint, tmp_path, task="mrpc", cache_dir=str(tmp_path)))
+        run_trial(_cfg(tiny_checkpoint, tmp_path, task="mrpc", cache_dir=str(tmp_path)))
 
 
 def test_checkpoint_and_data_from_object_storage(tiny_checkpoint, samples, s3_bucket, tmp_path):
@@ -206,7 +206,7 @@ def test_checkpoint_and_data_from_object_storage(tiny_checkpoint, samples, s3_bu
     for split in ("train", "dev"):
         fs.put_file(str(samples / "glue" / "SST-2" / f"{split}.tsv"), f"{s3_bucket}/data/glue/SST-2/{split}.tsv")
     cache = tmp_path / "cache"
-    out = finetune(_cfg(f"s3://{s3_bucket}/ckpt", f"s3://{s3_bucket}/data", epochs=1, cache_dir=str(cache)),
+    out = run_trial(_cfg(f"s3://{s3_bucket}/ckpt", f"s3://{s3_bucket}/data", epochs=1, cache_dir=str(cache)),
                    files_dir=str(tmp_path / "f"))
     assert out.metrics["epoch"] == 1
     (local,) = (cache / "checkpoints").iterdir()
@@ -221,7 +221,7 @@ def test_a_causal_checkpoint_fine_tunes_with_a_causal_mask(tmp_path, checkpoint_
     task model: after fine-tuning, position i's output does not depend on tokens after i."""
     checkpoint = checkpoint_factory(tmp_path / "ltr", is_causal=True)
     assert json.loads((checkpoint / "config.json").read_text())["is_decoder"] is True
-    out = finetune(_cfg(checkpoint, samples, epochs=1, save_model=True, cache_dir=str(tmp_path)),
+    out = run_trial(_cfg(checkpoint, samples, epochs=1, save_model=True, cache_dir=str(tmp_path)),
                    files_dir=str(tmp_path / "f"))
     from bertray.model.heads import BertForSequenceClassification
 

@@ -75,10 +75,10 @@ def test_embedded_pretraining_transfers_to_sst2(embedded_pretraining, ray_cluste
     spec.loader.exec_module(flow)
     out = tmp_path / "out"
     code = flow.main(["--init-from", str(embedded_pretraining), "--label", "embedded", "--random-init",
-                      "--tasks", "sst2", "--lr", "3e-4", "--batch-size", "32", "--epochs", "1", "--seeds", "3",
+                      "--tasks", "sst2", "--lr", "3e-4", "--batch-size", "32", "--epochs", "1", "--restarts", "3",
                       "--max-seq-len", "64", "--output", str(out), "--quiet"])
     assert code == 0
-    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((out / "latest" / "results.csv").read_text())))
     scores = {"embedded": [], "random init": []}
     for r in rows:
         assert r["status"] == "OK"
@@ -91,5 +91,5 @@ def test_embedded_pretraining_transfers_to_sst2(embedded_pretraining, ray_cluste
     assert best_pretrained >= best_random + 5.0, report         # the table's cells: best of the same grid
     assert mean_pretrained >= mean_random + 3.0, report         # and on average over the seeds
     assert best_pretrained >= MAJORITY + 5.0, report
-    md = (out / "results.md").read_text()
+    md = (out / "latest" / "results.md").read_text()
     assert "| embedded |" in md and "| random init |" in md

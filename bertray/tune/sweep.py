@@ -17,7 +17,7 @@ the paper's fine-tuning is single-device):
     failures         `FailureConfig(max_failures=N)` reruns a failed trial from scratch; a trial that
                      still fails is listed as FAILED with its error in every results file
     selection        per (checkpoint, task) the trial with the best `score` (`results.select_best`)
-    models           the winner's model in the Hugging Face layout at <output>/models/<row>/<task>/
+    models           the winner's model in the Hugging Face layout at <sweep>/models/<row>/<task>/
                      (`save_models`; `bertray.tune.saved_models` says which models survive, and when)
 
 Checkpoints reach the trials as follows: the driver resolves `--init-from` (a run directory or its
@@ -26,8 +26,11 @@ opens the URL itself. An object-storage URL (s3://, gs://, ...) is downloaded by
 on each node into a node-local cache (model and tokenizer files only), which the node's later
 trials reuse. A local path is used in place, so on a multi-node cluster it must be visible at the
 same path on every node (shared file system); otherwise put the checkpoint in object storage.
-The same holds for `--data`. Prediction files and models travel back as Tune checkpoints under
-`<output>/tune/`, which therefore must be shared storage on multi-node clusters (as Ray requires).
+The same holds for `--data`. Every sweep writes into a folder of its own, <sweep> =
+`<output>/<name>-<date>-<time>-<id>/` (results tables, predictions/, models/, tune/), and
+`<output>/latest` names the newest, so a second sweep into the same output leaves the first one's
+files alone. Prediction files and models travel back as Tune checkpoints under `<sweep>/tune/`,
+which therefore must be shared storage on multi-node clusters (as Ray requires).
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ from typing import Any, Literal, Sequence
 
 import fsspec
 
-from bertray.config import check, check_no_credentials, doc, from_mapping, to_mapping
-from bertray.errors import CheckpointError, ConfigError, TaskDataError
+from bertray.config import check_folder_name, check_no_credentials, doc, from_mapping, to_mapping
+from bertray.errors import CheckpointError, ConfigError, TaskDataError, check
+from bertray.model.hf_format import verify_checkpoint
+from bertray.storage import absolute_url, is_local_url, join_url, ray_storage, write_text
 from bertray.tasks.registry import TaskSpec, resolve_tasks
 from bertray.train.checkpoints import resolve_checkpoint
+from bertray.train.config import Precision
 from bertray.tune import results as tables
 from bertray.tune import saved_models
 from bertray.tune.results import FAILED, OK, STOPPED, TrialRecord
@@ -56,6 +62,9 @@ from bertray.tune.trainer import TrialConfig
 log = logging.getLogger("bertray.tune")
 
 RANDOM_INIT = "random init"
+LATEST = "latest"            # <output>/latest: the newest sweep's folder
+TUNE_DIR = "tune"            # <sweep>/tune: Tune's trial directories
+MAX_AUTO_CPUS_PER_TRIAL = 8     # a GPU trial's data loading and featurizing gain little beyond this
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class FinetuneConfig:
     dropout: float | None = doc(0.1, "dropout everywhere (null: keep the checkpoint's)")
     adam_eps: float = doc(1e-6, "AdamW epsilon")
     clip_grad_norm: float = doc(1.0, "clip gradients to this global norm (0: off)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "autocast dtype (auto: bf16 on GPUs that "
+    precision: Precision = doc("auto", "autocast dtype (auto: bf16 on GPUs that "
                                                                       "have it, fp16 with loss scaling on older "
                                                                       "GPUs, fp32 on CPU)")
     eval_batch_size: int = doc(128, "batch size for scoring the dev sets")
@@ -97,17 +106,19 @@ class FinetuneConfig:
     gpus_per_trial: float | None = doc(None, "GPUs per trial (null: 1 when the cluster has GPUs, else 0)")
     max_concurrent_trials: int = doc(0, "at most this many trials at once (0: as resources allow)")
     max_failures: int = doc(1, "reruns of a failed trial before it is reported as FAILED")
-    output: str = doc("runs/finetune", "results directory (local or object storage): results.md/.csv/.json, "
-                                       "predictions/, tune/ (Tune's trial directories)")
-    name: str = doc("finetune", "Tune experiment name prefix (a timestamp makes every sweep new)")
+    output: str = doc("runs/finetune", "results directory (local or object storage): each sweep writes "
+                                       "results.md/.csv/.json, predictions/, models/ and tune/ (Tune's trial "
+                                       "directories) into <output>/<name>-<date>-<time>-<id>/, and "
+                                       "<output>/latest names the newest")
+    name: str = doc("finetune", "name prefix of the sweep's folder (a timestamp makes every sweep new)")
     cache_dir: str | None = doc(None, "node-local cache for featurized data and downloaded checkpoints "
                                       "(null: <output>/cache when output is local, else a temp folder)")
     predictions: bool = doc(True, "write prediction files (dev predictions, GLUE test submissions, SQuAD "
-                                  "predictions.json) and copy the winners' to <output>/predictions/")
-    save_models: Literal["none", "winners", "all"] = doc(
+                                  "predictions.json) and copy the winners' to <sweep>/predictions/")
+    save_models: saved_models.SaveMode = doc(
         "winners", "fine-tuned models to keep, in the Hugging Face layout with a model card: winners, per "
-                   "(checkpoint, task) the winning trial's at <output>/models/<row>/<task>/; all, also every "
-                   "trial's at <output>/models/<row>/<task>/trials/<trial id>/; none")
+                   "(checkpoint, task) the winning trial's at <sweep>/models/<row>/<task>/; all, also every "
+                   "trial's at <sweep>/models/<row>/<task>/trials/<trial id>/; none")
     fail_trials: tuple[str, ...] = doc((), "fault injection for tests: trials of TASK or TASK@LR raise")
 
     def __post_init__(self) -> None:
@@ -129,8 +140,10 @@ class FinetuneConfig:
         check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
         check(self.save_models in saved_models.SAVE_MODES, "save_models",
               f"choose one of {', '.join(saved_models.SAVE_MODES)}, got {self.save_models!r}")
-        check(bool(self.name) and "/" not in self.name, "name",
-              f"must be a non-empty name without '/', got {self.name!r}")
+        check_folder_name("name", self.name)
+        for label in self.labels:              # a label is a folder path under models/ and predictions/
+            for part in label.split("/"):
+                check_folder_name("labels", part)
         for entry in self.fail_trials:
             task, _, lr = entry.partition("@")
             resolve_tasks(task)
@@ -161,15 +174,6 @@ class FinetuneConfig:
 # Driver: paths, rows, trials
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _absolute(url: str) -> str:
-    """Local paths absolute (trials run in their own working directories); URLs unchanged."""
-    return os.path.abspath(url.removeprefix("file://")) if _is_local(url) else url
-
-
 @dataclass(frozen=True)
 class Row:
     """One row of the results tables: a checkpoint (or its random-init twin)."""
@@ -185,10 +189,10 @@ def default_label(url: str) -> str:
 
 
 def resolve_rows(cfg: FinetuneConfig) -> list[Row]:
-    """Follow run directories and `latest` files to checkpoints and check each has a config.json."""
+    """Follow run directories and `latest` files to checkpoints and check that each will load."""
     rows = []
     for i, raw in enumerate(cfg.init_from):
-        url = _absolute(resolve_checkpoint(_absolute(raw)))
+        url = absolute_url(resolve_checkpoint(absolute_url(raw)))
         fs, path = fsspec.core.url_to_fs(url)
         if not fs.isfile(path.rstrip("/") + "/config.json"):
             hint = (" Make one with `python flows/pretrain.py` (about 3 minutes on 2 CPU cores), or pass "
@@ -197,11 +201,16 @@ def resolve_rows(cfg: FinetuneConfig) -> list[Row]:
                     " Pass a checkpoint directory in the Hugging Face layout (config.json, model.safetensors, "
                     "vocab.txt or tokenizer.json), a pretraining run directory, or its `latest` file.")
             raise CheckpointError(f"init_from: {raw} -> {url} has no config.json.{hint}")
+        try:                                    # here, once, not in every trial after the fan-out
+            verify_checkpoint(url)
+        except CheckpointError as exc:
+            raise CheckpointError(f"init_from: {raw}: {exc}") from None
         rows.append(Row(cfg.labels[i] if cfg.labels else default_label(url), url))
     if cfg.random_init:
         rows.append(Row(RANDOM_INIT, rows[0].checkpoint, random_init=True))
     labels = [r.label for r in rows]
-    check(len(set(labels)) == len(labels), "labels", f"rows need distinct labels, got {labels}")
+    check(len({tables.slug(label) for label in labels}) == len(labels), "labels",
+          f"rows need labels that stay distinct as folder names, got {labels}")
     return rows
 
 
@@ -231,7 +240,7 @@ def _fails(cfg: FinetuneConfig, task: str, lr: float) -> bool:
 def trial_configs(cfg: FinetuneConfig, rows: Sequence[Row], specs: Sequence[TaskSpec], *, cache_dir: str,
                   threads: int) -> list[dict[str, Any]]:
     """One plain dict per trial: the row label and the `TrialConfig` fields (what Tune ships)."""
-    data = _absolute(cfg.data)
+    data = absolute_url(cfg.data)
     out = []
     for row in rows:
         for spec in specs:
@@ -251,7 +260,7 @@ def trial_resources(cfg: FinetuneConfig, cluster: dict[str, float]) -> dict[str,
     g = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (1.0 if gpus >= 1 else 0.0)
     c = cfg.cpus_per_trial
     if c == 0:
-        c = float(max(1, min(8, int(cpus // gpus)))) if g and gpus else 1.0
+        c = float(max(1, min(MAX_AUTO_CPUS_PER_TRIAL, int(cpus // gpus)))) if g and gpus else 1.0
     resources = {"cpu": c, "gpu": g}
     if g > gpus:
         raise ConfigError(f"gpus_per_trial: {g:g} requested but the cluster has {gpus:g} GPUs")
@@ -269,7 +278,7 @@ def finetune_trial(config: dict[str, Any]) -> None:
     `trial_configs`); reports after every epoch."""
     import ray.tune as tune
 
-    from bertray.tune.trainer import TrialConfig, finetune
+    from bertray.tune.trainer import TrialConfig, run_trial
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     trial = from_mapping(TrialConfig, config["job"]["trial"])
@@ -281,7 +290,7 @@ def finetune_trial(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(files))
 
     with tempfile.TemporaryDirectory(prefix="bertray-trial-") as files:
-        finetune(trial, report=report, files_dir=files)
+        run_trial(trial, report=report, files_dir=files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,19 +305,10 @@ class SweepResult:
     predictions: dict[tuple[str, str], str]  # (row, task) -> the winner's predictions folder
     models: dict[tuple[str, str], str]       # (row, task) -> the winner's model folder (Hugging Face layout)
     markdown: str
-    experiment: str                          # Tune's experiment directory
+    folder: str                              # the sweep's own folder under the output (`latest` names it)
+    experiment: str                          # Tune's experiment directory, <folder>/tune
     resources: dict[str, float]
     elapsed_s: float
-
-
-def _storage(output: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for `tune.RunConfig` from a local path or fsspec URL."""
-    if _is_local(output):
-        return os.path.join(_absolute(output), "tune"), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = fsspec.core.url_to_fs(output)
-    return path.rstrip("/") + "/tune", PyFileSystem(FSSpecHandler(fs))
 
 
 def _status(result: Any, epochs: int) -> str:
@@ -372,6 +372,41 @@ def _model_pruner(output: str) -> Any:
     return PruneModels()
 
 
+def _trial_lines(total: int) -> Any:
+    """A Tune callback printing one line as each trial starts and ends, the ends counted against
+    the sweep's `total` trials: the console of a sweep whose Tune tables and trial output stay in
+    Ray's logs. It prints to the `sys.stdout` of the moment (Tune pickles its callbacks; a stream
+    does not pickle)."""
+    from ray.tune import Callback
+
+    def what(trial: Any) -> str:
+        job = (trial.config or {}).get("job") or {}
+        t = job.get("trial") or {}
+        return (f"{t.get('task', '?')} ({job.get('row', '?')}) lr {t.get('learning_rate', 0):g} batch "
+                f"{t.get('batch_size', '?')} epochs {t.get('epochs', '?')} seed {t.get('seed', '?')}")
+
+    class TrialLines(Callback):
+        def __init__(self) -> None:
+            self.ended = 0
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"started  {what(trial)}", flush=True)
+
+        def _end(self, trial: Any, how: str) -> None:
+            self.ended += 1
+            score = (trial.last_result or {}).get("score")
+            shown = f"score {score:.4f}" if isinstance(score, (int, float)) else "no score"
+            print(f"{how:<8} {what(trial)}: {shown}  [{self.ended}/{total} trials done]", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._end(trial, "finished")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._end(trial, "FAILED")
+
+    return TrialLines()
+
+
 def _fit(cfg: FinetuneConfig, trials: Sequence[dict[str, Any]], resources: dict[str, float], storage_path: str,
          storage_fs: Any, name: str, verbose: int, callbacks: Sequence[Any] = ()) -> Any:
     """Build and fit one Tuner over `trials` (a fresh ASHA scheduler with `scheduler: asha`); the ResultGrid."""
@@ -393,34 +428,42 @@ def _fit(cfg: FinetuneConfig, trials: Sequence[dict[str, Any]], resources: dict[
     return tuner.fit()
 
 
-def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tuning results") -> SweepResult:
-    """Run every trial of `cfg` on the connected Ray cluster (call `ray.init` first) and write the results."""
+def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tuning results",
+              trial_lines: bool = False) -> SweepResult:
+    """Run every trial of `cfg` on the connected Ray cluster (call `ray.init` first) and write the
+    results. `verbose`: Tune's own progress tables (0: none); `trial_lines`: print a line per
+    trial start and end."""
     import ray
 
     started = time.perf_counter()
     specs = resolve_tasks(cfg.tasks)
     rows = resolve_rows(cfg)
-    check_data(specs, _absolute(cfg.data))
+    check_data(specs, absolute_url(cfg.data))
     resources = trial_resources(cfg, ray.cluster_resources())
-    output = _absolute(cfg.output)
-    cache_dir = cfg.cache_dir or (os.path.join(output, "cache") if _is_local(output)
+    output = absolute_url(cfg.output)
+    cache_dir = cfg.cache_dir or (os.path.join(output, "cache") if is_local_url(output)
                                   else os.path.join(tempfile.gettempdir(), "bertray-cache"))
-    trials = trial_configs(cfg, rows, specs, cache_dir=_absolute(cache_dir),
+    trials = trial_configs(cfg, rows, specs, cache_dir=absolute_url(cache_dir),
                            threads=max(1, int(resources["cpu"])))
-    storage_path, storage_fs = _storage(output)
+    # Every sweep in a folder of its own, so a second sweep with the same output never overwrites
+    # or deletes the first one's tables, predictions or models; `latest` names the newest.
     experiment = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-    log.info("%d trials (%s), %s per trial, experiment %s", len(trials), ", ".join(s.name for s in specs),
-             resources, experiment)
+    sweep_folder = join_url(output, experiment)
+    storage_path, storage_fs = ray_storage(sweep_folder)
+    log.info("%d trials (%s), %s per trial, into %s", len(trials), ", ".join(s.name for s in specs), resources,
+             sweep_folder)
 
-    callbacks = [_model_pruner(output)] if cfg.save_models == "winners" else []
+    callbacks = [_model_pruner(sweep_folder)] if cfg.save_models == "winners" else []
+    if trial_lines:
+        callbacks.append(_trial_lines(len(trials)))
     results: list[Any] = []
     if cfg.scheduler != "asha":     # one Tuner, every trial concurrent as resources allow
-        results.extend(_fit(cfg, trials, resources, storage_path, storage_fs, experiment, verbose, callbacks))
-    else:                           # one Tuner per (row, task) in turn, at <experiment>/<i>-<row>-<task>/
+        results.extend(_fit(cfg, trials, resources, storage_path, storage_fs, TUNE_DIR, verbose, callbacks))
+    else:                           # one Tuner per (row, task) in turn, at <sweep>/tune/<i>-<row>-<task>/
         groups = _groups(trials)
         for i, ((row, task), members) in enumerate(groups.items(), 1):
             log.info("asha group %d/%d: %s / %s, %d trials", i, len(groups), row, task, len(members))
-            results.extend(_fit(cfg, members, resources, f"{storage_path}/{experiment}", storage_fs,
+            results.extend(_fit(cfg, members, resources, f"{storage_path}/{TUNE_DIR}", storage_fs,
                                 f"{i}-{tables.slug(row)}-{task}", verbose, callbacks))
 
     records = []
@@ -445,18 +488,40 @@ def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tunin
     records.sort(key=lambda r: (row_order.get(r.row, len(rows)), task_order.get(r.task, len(specs)),
                                 *(r.config.get(k) or 0 for k in tables.GRID_KEYS)))
     best = tables.select_best(records)
-    predictions = _collect_predictions(best, results, output, single_row=len(rows) == 1) if cfg.predictions else {}
+    predictions = _collect_predictions(best, results, sweep_folder, single_row=len(rows) == 1) if cfg.predictions else {}
     for key, folder in predictions.items():
         best[key].predictions = folder
-    models = saved_models.keep_models(output, cfg.save_models, records, best, checkpoints, settings)
+    models = saved_models.keep_models(sweep_folder, cfg.save_models, records, best, checkpoints, settings)
     setting = {**to_mapping(cfg), "rows": [dataclasses.asdict(r) for r in rows], "resources_per_trial": resources,
-               "experiment": f"{storage_path}/{experiment}"}
+               "experiment": join_url(sweep_folder, TUNE_DIR)}
     notes = [_setting_note(cfg, rows, specs, resources, len(trials))]
-    files = tables.write_results(records, output, setting=setting, title=title, notes=notes)
+    files = tables.write_results(records, sweep_folder, setting=setting, title=title, notes=notes)
+    point_latest(output, experiment)
     return SweepResult(records=records, best=best, files=files, predictions=predictions, models=models,
-                       markdown=tables.markdown(records, title=title, notes=notes),
-                       experiment=f"{storage_path}/{experiment}", resources=resources,
+                       markdown=tables.markdown(records, title=title, notes=notes), folder=sweep_folder,
+                       experiment=join_url(sweep_folder, TUNE_DIR), resources=resources,
                        elapsed_s=time.perf_counter() - started)
+
+
+def point_latest(output: str, name: str) -> None:
+    """`<output>/latest` names the newest sweep: a symbolic link on a local disk (so
+    `<output>/latest/models/...` is a path), a one-line file in object storage (which has no links),
+    as a pretraining run's `latest` names its newest checkpoint."""
+    if is_local_url(output):
+        link, staged = os.path.join(output, LATEST), os.path.join(output, f".{LATEST}-{os.urandom(4).hex()}")
+        os.symlink(name, staged)
+        os.replace(staged, link)                 # atomic: readers see the old or the new sweep, never none
+    else:
+        write_text(join_url(output, LATEST), name + "\n")
+
+
+def latest_sweep(output: str) -> str:
+    """The folder of the newest sweep under `output` (see `point_latest`)."""
+    link = join_url(absolute_url(output), LATEST)
+    if is_local_url(output):
+        return os.path.realpath(link)
+    fs, path = fsspec.core.url_to_fs(link)
+    return join_url(absolute_url(output), fs.cat_file(path).decode().strip())
 
 
 _TUNE_KEYS = frozenset({"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration",
@@ -467,7 +532,7 @@ def _collect_predictions(best: dict[tuple[str, str], TrialRecord], results: Sequ
                          single_row: bool) -> dict[tuple[str, str], str]:
     """Copy each winner's prediction files (the files at the top of its Tune checkpoint, which
     lives on the output's file system; its model/ is left to `saved_models`) to
-    <output>/predictions/[<row>/]<task>/; `results` are the Tune results of all the sweep's Tuners
+    <sweep>/predictions/[<row>/]<task>/; `results` are the Tune results of all the sweep's Tuners
     (trial ids are unique across them)."""
     by_id = {str((r.metrics or {}).get("trial_id", "")): r for r in results}
     out = {}
@@ -485,7 +550,7 @@ def _collect_predictions(best: dict[tuple[str, str], TrialRecord], results: Sequ
             name = posixpath.basename(info["name"].rstrip("/"))
             if info["type"] == "file" and not name.startswith("."):
                 fs.copy(info["name"], f"{folder}/{name}")
-        out[(row, task)] = fs.unstrip_protocol(folder) if not _is_local(output) else folder
+        out[(row, task)] = fs.unstrip_protocol(folder) if not is_local_url(output) else folder
     return out
 
 
@@ -511,25 +576,5 @@ def _setting_note(cfg: FinetuneConfig, rows: Sequence[Row], specs: Sequence[Task
                         for r in rows) + ". Cells are dev-set scores (percent) of the best grid point per task.")
 
 
-def load_config(path: str | None, overrides: dict[str, Any]) -> FinetuneConfig:
-    """FinetuneConfig from an optional YAML file (flat keys) and overrides."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of FinetuneConfig keys")
-    data.update(overrides)
-    try:
-        return from_mapping(FinetuneConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-
-
-__all__ = ["FinetuneConfig", "Row", "SweepResult", "check_data", "finetune_trial", "load_config", "resolve_rows",
+__all__ = ["FinetuneConfig", "Row", "SweepResult", "check_data", "finetune_trial", "resolve_rows",
            "run_sweep", "trial_configs", "trial_resources"]

@@ -31,6 +31,7 @@ one into the actor, which makes a copy). Nothing here keeps global state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,8 +44,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
-from bertray.config import check
-from bertray.errors import ConfigError
+from bertray.errors import ConfigError, check
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
     missing = [token for token, i in ids.items() if i is None]
     if missing:
         raise ConfigError(f"tokenizer vocabulary lacks the BERT special token(s) {', '.join(missing)}; "
-                          f"use a BERT vocab.txt or train one with bertray.tokenizer.train")
+                          f"use a BERT vocab.txt or train one with bertray.wordpiece.train")
     return SpecialTokens(pad=ids[PAD], unk=ids[UNK], cls=ids[CLS], sep=ids[SEP], mask=ids[MASK])
 
 
@@ -285,7 +285,7 @@ def _from_json(path: str) -> Tokenizer:
         tokenizer = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a bare Exception for schema errors
         raise ConfigError(f"{path}: not a valid tokenizer.json ({exc}); rewrite it with "
-                          f"bertray.tokenizer.save or point at a vocab.txt") from None
+                          f"bertray.wordpiece.save or point at a vocab.txt") from None
     # A tokenizer.json may carry fixed-length padding and truncation (MiniLM's pads to 128);
     # callers cut and pad sequences themselves, so these would silently corrupt their ids.
     tokenizer.no_padding()
@@ -314,17 +314,13 @@ def load(path: str | os.PathLike) -> Tokenizer:
                 break
         else:
             raise ConfigError(f"{path}: the directory has neither {TOKENIZER_FILE} nor {VOCAB_FILE}; "
-                              f"point at a tokenizer directory (bertray.tokenizer.save writes one)")
+                              f"point at a tokenizer directory (bertray.wordpiece.save writes one)")
     elif fs.isfile(root):
         tokenizer = _from_json(path) if root.endswith(".json") else from_vocab(path)
     else:
         raise ConfigError(f"{path}: no such file or directory; expected a directory with {TOKENIZER_FILE} "
                           f"or {VOCAB_FILE}, or one of those files")
     return tokenizer
-
-
-__all__ = ["SPECIAL_TOKENS", "SpecialTokens", "from_vocab", "load", "save", "special_tokens",
-           "subword_mask", "train"]
 
 
 def encode_documents(tokenizer: Tokenizer, documents: Sequence[Sequence[str]], *,
@@ -345,3 +341,69 @@ def encode_documents(tokenizer: Tokenizer, documents: Sequence[Sequence[str]], *
         out.append(ids[at:at + len(doc)])
         at += len(doc)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning inputs
+
+
+@contextlib.contextmanager
+def tokenizer_truncation(tokenizer: Tokenizer, max_length: int | None) -> Iterator[None]:
+    """Set the tokenizer's truncation (longest_first) and switch its padding off for the duration,
+    then restore what the caller had: a `tokenizer.json` may carry its own settings (the
+    MiniLM one pads and truncates to 128), and featurizers pad with numpy themselves."""
+    truncation, padding = tokenizer.truncation, tokenizer.padding
+    try:
+        if max_length is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(max_length, strategy="longest_first")
+        tokenizer.no_padding()
+        yield
+    finally:
+        if truncation is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(**truncation)
+        if padding is not None:
+            tokenizer.enable_padding(**padding)
+
+
+def special_id(tokenizer: Tokenizer, token: str) -> int:
+    """One special token's id, for the fine-tuning featurizers (which need [CLS], [SEP] and [PAD] only)."""
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ConfigError(f"the tokenizer has no {token} token; BERT fine-tuning needs [CLS], [SEP] and [PAD]")
+    return token_id
+
+
+def encode_pairs(tokenizer: Tokenizer, first: Sequence[str], second: Sequence[str] | None,
+                 max_seq_len: int) -> dict[str, np.ndarray]:
+    """`[CLS] a [SEP] b [SEP]` (or `[CLS] a [SEP]`) through the tokenizer's template, the longer
+    side truncated first, padded to `max_seq_len`. Also counts truncated sequences (logged)."""
+    inputs = list(first) if second is None else list(zip(first, second))
+    with tokenizer_truncation(tokenizer, max_seq_len):
+        encodings = tokenizer.encode_batch(inputs)
+    n = len(encodings)
+    if n and encodings[0].ids[:1] != [special_id(tokenizer, "[CLS]")]:
+        raise ConfigError("the tokenizer adds no [CLS] ... [SEP] template; load a BERT tokenizer.json whose "
+                          "post_processor is BERT's (TemplateProcessing or BertProcessing)")
+    out = {
+        "input_ids": np.full((n, max_seq_len), special_id(tokenizer, "[PAD]"), dtype=np.int32),
+        "token_type_ids": np.zeros((n, max_seq_len), dtype=np.int8),
+        "attention_mask": np.zeros((n, max_seq_len), dtype=np.int8),
+    }
+    truncated = 0
+    for i, enc in enumerate(encodings):
+        length = len(enc.ids)
+        out["input_ids"][i, :length] = enc.ids
+        out["token_type_ids"][i, :length] = enc.type_ids
+        out["attention_mask"][i, :length] = 1
+        truncated += bool(enc.overflowing)
+    if truncated:
+        log.info("truncated %d of %d sequences to %d tokens", truncated, n, max_seq_len)
+    return out
+
+
+__all__ = ["SPECIAL_TOKENS", "SpecialTokens", "encode_documents", "encode_pairs", "from_vocab", "load", "save",
+           "special_id", "special_tokens", "subword_mask", "tokenizer_truncation", "train"]

@@ -1,4 +1,4 @@
-"""bertray/tokenizer.py against the Python reference (Google's rules as `transformers` keeps them
+"""bertray/wordpiece.py against the Python reference (Google's rules as `transformers` keeps them
 in `BertTokenizerLegacy`) on real text, plus training, save/load and the build_vocab flow."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from bertray import tokenizer as wp
+from bertray import wordpiece
 from bertray.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -146,46 +146,46 @@ def _punctuation(text: str) -> int:
 
 
 def test_uncased_ids_match_reference_on_real_text(vocab_path, legacy, real_lines):
-    tokenizer = wp.from_vocab(vocab_path)
+    tokenizer = wordpiece.from_vocab(vocab_path)
     _assert_same(tokenizer, legacy[True], real_lines + _long_words(real_lines[:200]))
 
 
 def test_ids_match_reference_on_targeted_strings(vocab_path, legacy):
     for lower in (True, False):
-        _assert_same(wp.from_vocab(vocab_path, lowercase=lower), legacy[lower], TARGETED)
+        _assert_same(wordpiece.from_vocab(vocab_path, lowercase=lower), legacy[lower], TARGETED)
 
 
 def test_cased_ids_match_reference_on_real_text(vocab_path, legacy, real_lines):
-    _assert_same(wp.from_vocab(vocab_path, lowercase=False), legacy[False], real_lines[::8])
+    _assert_same(wordpiece.from_vocab(vocab_path, lowercase=False), legacy[False], real_lines[::8])
 
 
 def test_unassigned_code_points_are_the_one_known_difference(vocab_path, legacy):
     """The reference deletes code points its Python's Unicode tables call unassigned (U+0378 in
     every version; new emoji on older Pythons); the Rust pipeline keeps them and they make the
-    word `[UNK]`. Documented in bertray.tokenizer; this test notices if either side changes."""
-    tokenizer, reference = wp.from_vocab(vocab_path), legacy[True]
+    word `[UNK]`. Documented in bertray.wordpiece; this test notices if either side changes."""
+    tokenizer, reference = wordpiece.from_vocab(vocab_path), legacy[True]
     assert reference.tokenize("unassigned \u0378 char") == ["una", "##ssi", "##gned", "char"]
     assert tokenizer.encode("unassigned \u0378 char", add_special_tokens=False).tokens == \
         ["una", "##ssi", "##gned", "[UNK]", "char"]
 
 
 def test_long_words_become_unk(vocab_path):
-    tokenizer = wp.from_vocab(vocab_path)
-    unk = wp.special_tokens(tokenizer).unk
+    tokenizer = wordpiece.from_vocab(vocab_path)
+    unk = wordpiece.special_tokens(tokenizer).unk
     assert tokenizer.encode("a" * 101, add_special_tokens=False).ids == [unk]
     assert unk not in tokenizer.encode("a" * 100, add_special_tokens=False).ids
 
 
 # Blocks that real text draws on. The only differences allowed there are code points that
 # Python's unicodedata (Unicode 14.0 on Python 3.11) calls unassigned: the reference deletes
-# them, the Rust pipeline keeps them (as [UNK]). See the module docstring of bertray.tokenizer.
+# them, the Rust pipeline keeps them (as [UNK]). See the module docstring of bertray.wordpiece.
 TEXT_BLOCKS = [(0x0000, 0x05FF), (0x1E00, 0x2E42), (0x3000, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xACFF),
                (0xF900, 0xFAFF), (0xFB00, 0xFB4F), (0xFF00, 0xFFEF), (0x1F300, 0x1F64F), (0x1F900, 0x1FAFF)]
 
 
 @pytest.mark.parametrize("lower", [True, False])
 def test_every_code_point_of_text_blocks_matches_reference(vocab_path, legacy, lower):
-    tokenizer = wp.from_vocab(vocab_path, lowercase=lower)
+    tokenizer = wordpiece.from_vocab(vocab_path, lowercase=lower)
     chars = [chr(cp) for lo, hi in TEXT_BLOCKS for cp in range(lo, hi + 1) if not 0xD800 <= cp <= 0xDFFF]
     texts = [f"Ab{c}Cd e{c} {c}" for c in chars]
     ours, theirs = _our_ids(tokenizer, texts), _legacy_ids(legacy[lower], texts)
@@ -194,7 +194,7 @@ def test_every_code_point_of_text_blocks_matches_reference(vocab_path, legacy, l
 
 
 def test_pairs_match_reference_template_and_segments(vocab_path, legacy, real_pairs):
-    tokenizer, reference = wp.from_vocab(vocab_path), legacy[True]
+    tokenizer, reference = wordpiece.from_vocab(vocab_path), legacy[True]
     assert len(real_pairs) > 1500
     encodings = tokenizer.encode_batch(real_pairs)
     for (a, b), enc in zip(real_pairs, encodings):
@@ -210,10 +210,10 @@ def test_pairs_match_reference_template_and_segments(vocab_path, legacy, real_pa
 def test_hugging_face_tokenizer_json_agrees_on_real_text(vocab_path, minilm_dir, real_lines):
     """The checkpoint's own tokenizer.json (plain BertNormalizer) and ours give the same ids on
     real text, and loading drops its fixed 128-token padding and truncation."""
-    shipped = wp.load(minilm_dir)
+    shipped = wordpiece.load(minilm_dir)
     assert shipped.padding is None and shipped.truncation is None
     texts = real_lines[::4]
-    assert _our_ids(shipped, texts) == _our_ids(wp.from_vocab(vocab_path), texts)
+    assert _our_ids(shipped, texts) == _our_ids(wordpiece.from_vocab(vocab_path), texts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,19 +221,19 @@ def test_hugging_face_tokenizer_json_agrees_on_real_text(vocab_path, minilm_dir,
 
 
 def test_casing_is_inferred_from_the_vocabulary(vocab_path, tmp_path, real_lines):
-    uncased = wp.from_vocab(vocab_path)
+    uncased = wordpiece.from_vocab(vocab_path)
     assert uncased.encode("HELLO World").ids == uncased.encode("hello world").ids
-    cased = wp.train(iter(real_lines[:3000]), vocab_size=1500, lowercase=False)
-    wp.save(cased, tmp_path)
-    reread = wp.from_vocab(tmp_path / "vocab.txt")
+    cased = wordpiece.train(iter(real_lines[:3000]), vocab_size=1500, lowercase=False)
+    wordpiece.save(cased, tmp_path)
+    reread = wordpiece.from_vocab(tmp_path / "vocab.txt")
     assert reread.encode("The Hello").ids != reread.encode("the hello").ids
     assert _our_ids(reread, real_lines[:500]) == _our_ids(cased, real_lines[:500])
 
 
 def test_special_tokens_and_subword_mask(vocab_path):
-    tokenizer = wp.from_vocab(vocab_path)
-    assert wp.special_tokens(tokenizer) == wp.SpecialTokens(pad=0, unk=100, cls=101, sep=102, mask=103)
-    mask = wp.subword_mask(tokenizer)
+    tokenizer = wordpiece.from_vocab(vocab_path)
+    assert wordpiece.special_tokens(tokenizer) == wordpiece.SpecialTokens(pad=0, unk=100, cls=101, sep=102, mask=103)
+    mask = wordpiece.subword_mask(tokenizer)
     assert mask.dtype == np.bool_ and mask.shape == (30522,)
     tokens = pathlib.Path(vocab_path).read_text(encoding="utf-8").split("\n")[:-1]
     assert mask.tolist() == [t.startswith("##") and len(t) > 2 for t in tokens]
@@ -242,7 +242,7 @@ def test_special_tokens_and_subword_mask(vocab_path):
 
 def test_a_tokenizer_survives_pickling(vocab_path, real_lines):
     """Ray ships a tokenizer to each actor by pickling: every actor gets its own copy."""
-    tokenizer = wp.from_vocab(vocab_path)
+    tokenizer = wordpiece.from_vocab(vocab_path)
     copy = pickle.loads(pickle.dumps(tokenizer))
     assert _our_ids(copy, real_lines[:300]) == _our_ids(tokenizer, real_lines[:300])
 
@@ -273,17 +273,17 @@ class _OnePass:
 def trained(shared_data):
     with open(shared_data / "corpus" / "wikitext-2-raw" / "wiki.valid.raw", encoding="utf-8") as f:
         texts = _OnePass((line.strip() for line in f if line.strip()), limit=2000)
-        return wp.train(texts, vocab_size=2000), texts
+        return wordpiece.train(texts, vocab_size=2000), texts
 
 
 def test_training_streams_the_corpus_and_hits_the_size(trained):
     tokenizer, texts = trained
     assert texts.pulled == 2000 and next(texts, None) is None
     assert tokenizer.get_vocab_size() == 2000
-    assert wp.special_tokens(tokenizer) == wp.SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
+    assert wordpiece.special_tokens(tokenizer) == wordpiece.SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
     vocab = tokenizer.get_vocab()
     assert sorted(vocab.values()) == list(range(2000))
-    assert wp.subword_mask(tokenizer).sum() == sum(t.startswith("##") for t in vocab) > 100
+    assert wordpiece.subword_mask(tokenizer).sum() == sum(t.startswith("##") for t in vocab) > 100
     enc = tokenizer.encode("The tower was built in 1889.", "It is tall.")
     assert enc.tokens[0] == "[CLS]" and enc.tokens.count("[SEP]") == 2
     assert enc.type_ids == [0] * (enc.tokens.index("[SEP]") + 1) + [1] * (len(enc.ids) - enc.tokens.index("[SEP]") - 1)
@@ -292,21 +292,21 @@ def test_training_streams_the_corpus_and_hits_the_size(trained):
 def test_save_load_round_trip(trained, tmp_path, real_lines, real_pairs):
     tokenizer, _ = trained
     directory = tmp_path / "tok"
-    wp.save(tokenizer, directory)
+    wordpiece.save(tokenizer, directory)
     assert sorted(os.listdir(directory)) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
     vocab_lines = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
     assert vocab_lines == [tokenizer.id_to_token(i) for i in range(2000)]
     inputs = real_lines[:1000] + real_pairs[:200]
     expected = [(e.ids, e.type_ids) for e in tokenizer.encode_batch(inputs)]
     for path in (directory, directory / "tokenizer.json", directory / "vocab.txt", str(directory)):
-        assert [(e.ids, e.type_ids) for e in wp.load(path).encode_batch(inputs)] == expected, path
+        assert [(e.ids, e.type_ids) for e in wordpiece.load(path).encode_batch(inputs)] == expected, path
 
 
 def test_hugging_face_loads_what_we_save(trained, tmp_path, real_lines):
     from transformers import AutoTokenizer
 
     tokenizer, _ = trained
-    wp.save(tokenizer, tmp_path)
+    wordpiece.save(tokenizer, tmp_path)
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     texts = real_lines[:300]
     assert hf(texts)["input_ids"] == [e.ids for e in tokenizer.encode_batch(texts)]
@@ -315,23 +315,23 @@ def test_hugging_face_loads_what_we_save(trained, tmp_path, real_lines):
 def test_save_and_load_through_s3(trained, s3_bucket, real_lines):
     tokenizer, _ = trained
     url = f"s3://{s3_bucket}/runs/vocab"
-    wp.save(tokenizer, url)
+    wordpiece.save(tokenizer, url)
     for path in (url, url + "/tokenizer.json", url + "/vocab.txt"):
-        assert _our_ids(wp.load(path), real_lines[:300]) == _our_ids(tokenizer, real_lines[:300]), path
+        assert _our_ids(wordpiece.load(path), real_lines[:300]) == _our_ids(tokenizer, real_lines[:300]), path
     with pytest.raises(ConfigError, match=f"s3://{s3_bucket}/nothing"):
-        wp.load(f"s3://{s3_bucket}/nothing")
+        wordpiece.load(f"s3://{s3_bucket}/nothing")
 
 
 def test_training_refuses_sizes_the_corpus_cannot_fill(shared_data):
     lines = (shared_data / "corpus" / "gutenberg" / "blake-poems.txt").read_text(encoding="utf-8").split("\n")
     with pytest.raises(ConfigError, match="yields only"):
-        wp.train((line for line in lines), vocab_size=50_000)
+        wordpiece.train((line for line in lines), vocab_size=50_000)
     with pytest.raises(ConfigError, match="limit_alphabet"):
-        wp.train((line for line in lines), vocab_size=20)
+        wordpiece.train((line for line in lines), vocab_size=20)
     with pytest.raises(ConfigError, match="vocab_size"):
-        wp.train(lines, vocab_size=5)
+        wordpiece.train(lines, vocab_size=5)
     with pytest.raises(ConfigError, match="not one string"):
-        wp.train("a whole corpus in one string", vocab_size=100)
+        wordpiece.train("a whole corpus in one string", vocab_size=100)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,34 +341,34 @@ def test_training_refuses_sizes_the_corpus_cannot_fill(shared_data):
 def test_load_errors_name_the_path(tmp_path, minilm_dir):
     missing = tmp_path / "missing"
     with pytest.raises(ConfigError, match=str(missing)):
-        wp.load(missing)
+        wordpiece.load(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match=f"{empty}.*neither tokenizer.json nor vocab.txt"):
-        wp.load(empty)
+        wordpiece.load(empty)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"{broken / 'tokenizer.json'}.*not a valid tokenizer.json"):
-        wp.load(broken)
+        wordpiece.load(broken)
     with pytest.raises(ConfigError, match="not a valid tokenizer.json"):
-        wp.load(minilm_dir / "config.json")
+        wordpiece.load(minilm_dir / "config.json")
 
 
 def test_vocab_errors(tmp_path, vocab_path):
     no_unk = tmp_path / "no_unk.txt"
     no_unk.write_text("[PAD]\nthe\n##s\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=f"{no_unk}.*\\[UNK\\]"):
-        wp.from_vocab(no_unk)
+        wordpiece.from_vocab(no_unk)
     duplicate = tmp_path / "duplicate.txt"
     duplicate.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nthe\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="lines 6 and 7"):
-        wp.from_vocab(duplicate)
+        wordpiece.from_vocab(duplicate)
     no_mask = tmp_path / "no_mask" / "vocab.txt"
     no_mask.parent.mkdir()
     no_mask.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="lacks the BERT special token.*\\[MASK\\]"):
-        wp.load(no_mask.parent)
+        wordpiece.load(no_mask.parent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,9 +393,9 @@ def test_build_vocab_flow(shared_data, tmp_path):
                        "--max-lines", "2500", "--cased", "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert "Read 2,500 lines" in result.stdout and "Saved to" in result.stdout
-    tokenizer = wp.load(out)
+    tokenizer = wordpiece.load(out)
     assert tokenizer.get_vocab_size() == 1500
-    assert wp.special_tokens(tokenizer) == wp.SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
+    assert wordpiece.special_tokens(tokenizer) == wordpiece.SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
     assert tokenizer.encode("The").ids != tokenizer.encode("the").ids
 
     failed = _run_flow("--corpus", str(blake), "--vocab-size", "100000", "--output", str(tmp_path / "no"))
