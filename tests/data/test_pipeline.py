@@ -252,7 +252,7 @@ def test_the_plan_is_one_small_task_per_pass_and_a_resumed_one_leaves_out_finish
     its own order. A resumed plan starts at the first unfinished pass, leaves out finished units and
     names the buffers of units in flight that were trained on (not with preserve_order, where the
     trainer needs every row of a unit again)."""
-    import cloudpickle
+    from ray import cloudpickle
 
     from bertray.data.pipeline import CorpusDatasource
     from bertray.data.position import DataPosition, StreamLayout, UnitProgress
