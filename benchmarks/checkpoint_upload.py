@@ -91,6 +91,8 @@ def run(mode: str, args, bucket: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from report import write_json      # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="base")
     parser.add_argument("--steps", type=int, default=10)
@@ -119,8 +121,7 @@ def main(argv=None) -> int:
         print(f"{r['mode']:>7} {r['step_s']:>8.3f} {r['lost_per_checkpoint_s']:>27} {r['steps_total_s']:>12} "
               f"{r['wall_s']:>7}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -269,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from report import write_json      # beside this script
+
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from tokenizers import Tokenizer
@@ -306,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['transformers_mean_inside_bertray_spread']:.0%}; mean curves differ by at most "
               f"{b['max_rel_diff_mean_smoothed_loss']:.2%}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     if args.png:
         plot(result, args.png, args.window)
         print(f"wrote {args.png}")

@@ -212,6 +212,8 @@ def peak_memory(seq: int, predictions: int, repeat: int) -> float:
 
 
 def main() -> None:
+    from report import write_json      # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     parser.add_argument("--predictions", type=int, default=20, help="masked positions per sequence (default 20)")
@@ -256,9 +258,7 @@ def main() -> None:
     print(f"\ndata pipeline, sequence {args.seq}, {ceiling['tokens']:,} tokens of real text")
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>22}  {note}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

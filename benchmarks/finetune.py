@@ -25,7 +25,6 @@ Prints a table and writes JSON (default benchmarks/results/finetune.json).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -208,6 +207,8 @@ def describe(name: str, run: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from report import write_json      # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="speed,sst2,mrpc", help="comma-separated: speed, sst2, mrpc")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="root of glue/SST-2, glue/MRPC")
@@ -251,9 +252,7 @@ def main(argv=None) -> int:
                   + (f"; gap to transformers {r['accuracy_gap_points']:+.2f} points" if "transformers" in r else ""),
                   flush=True)
     out["meta"]["load_average_at_end"] = os.getloadavg()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2, default=float) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, out)
     return 0
 
 

@@ -75,6 +75,8 @@ def run(args, in_memory: bool, output: str) -> dict:
 
 
 def main() -> None:
+    from report import write_json      # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--preset", help="model size (default: tiny on CPU, base on CUDA)")
@@ -138,9 +140,7 @@ def main() -> None:
     print(f"  ratio streaming / in memory       {report['ratio']:8.3f}   (target >= 0.95)")
     if cuda:
         print(f"  sequences/s {streaming['sequences_per_s']:,.0f}   MFU {report['mfu']:.1%} (target >= 40%)")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

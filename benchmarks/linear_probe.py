@@ -21,7 +21,6 @@ weights cannot be expected to fine-tune better than them either.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -114,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from report import write_json      # beside this script
+
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{checkpoint[-48:]:<48} {task:<6} {name:<10} "
                       + " ".join(f"{scores[name][v]:>9.2f}%" for v in VIEWS) + f"  {scores['dev_majority']:.2f}%")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"max_train_examples": args.max_train_examples, "results": results}, indent=1))
+        write_json(args.json, {"max_train_examples": args.max_train_examples, "results": results})
     return 0
 
 

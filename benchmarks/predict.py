@@ -15,7 +15,6 @@ against the best pipeline setting), the labels' agreement, and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -102,12 +101,19 @@ def fastest_interleaved(contenders: dict, rounds: int) -> dict[str, float]:
     return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a fine-tuned SST-2 folder (default: build one from MiniLM)")
+def model_arguments(parser: argparse.ArgumentParser, threads_help: str) -> None:
+    """The model under test and its data, shared with benchmarks/serve.py."""
+    parser.add_argument("--model", help="a fine-tuned SST-2 folder (default: one built from MiniLM, cached)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps of the built model")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both")
+    parser.add_argument("--threads", type=int, default=1, help=threads_help)
+
+
+def main() -> None:
+    from report import write_json      # beside this script
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(parser, "torch threads, the same for both")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="measured rounds (the fastest counts)")
     parser.add_argument("--limit", type=int, help="only the first N texts (quick runs)")
@@ -170,9 +176,7 @@ def main() -> None:
               "ratio_vs_best_pipeline": ours_rate / best_pipeline, "label_agreement": agreement,
               "max_score_gap": score_gap, "dev_accuracy": dev_accuracy,
               "median_text_chars": statistics.median(len(t) for t in texts), "load_average": os.getloadavg()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 import tracemalloc
 from pathlib import Path
@@ -41,7 +40,7 @@ def make_spec(passes: int):
 
 
 def measure(files: int, passes: int, max_tasks: int) -> dict:
-    import cloudpickle
+    from ray import cloudpickle
     from ray.data.block import BlockMetadata
     from ray.data.datasource import ReadTask
 
@@ -78,6 +77,8 @@ def measure(files: int, passes: int, max_tasks: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from report import write_json      # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", default="100,1000,10000")
     parser.add_argument("--passes", default="1,40")
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
               f"{r['driver_peak_bytes'] / 1e3:>8.1f} | {r['tasks_before']:>12} {r['bytes_before'] / 1e6:>10.1f} "
               f"{r['bytes_per_file_before']:>14.0f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
     return 0
 
 

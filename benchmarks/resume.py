@@ -23,7 +23,6 @@ share of a pass already consumed (10%, 50%, 90%):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
@@ -48,6 +47,8 @@ def write_corpus(folder: Path, files: int, file_kb: int, seed: int = 0) -> None:
 
 
 def main(argv=None) -> int:
+    from report import write_json      # beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--file-kb", type=int, default=40)
@@ -102,10 +103,8 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['share']:>9.0%} {r['resume_s']:>9.2f} {r['replay_s']:>9.2f} {r['speedup']:>7.1f}x")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"files": args.files, "file_kb": args.file_kb,
-                                               "pass_instances": total_rows, "pass_s": pass_s,
-                                               "results": results}, indent=2))
+        write_json(args.json, {"files": args.files, "file_kb": args.file_kb, "pass_instances": total_rows,
+                               "pass_s": pass_s, "results": results})
     return 0
 
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -71,11 +70,11 @@ async def load(url: str, texts: list[str], concurrency: int, seconds: float, war
 
 
 def main() -> None:
+    from predict import cached_sst2_model, model_arguments, sst2_texts   # beside this script
+    from report import write_json
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a fine-tuned SST-2 folder (default: the one benchmarks/predict.py builds)")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps of the built model")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the replica")
+    model_arguments(parser, "torch threads of the replica")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
@@ -83,8 +82,6 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "serve.json"))
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from predict import cached_sst2_model, sst2_texts
 
     import ray
     from ray import serve
@@ -140,9 +137,7 @@ def main() -> None:
     report = {"model": model, "threads": args.threads, "num_cpus": args.num_cpus, "max_batch_size": args.max_batch_size,
               "batch_wait_timeout_s": args.batch_wait_timeout_s, "seconds": args.seconds, "results": results,
               "speedup_at_32": speedup, "p99_limit_ms": p99_limit_ms, "load_average": os.getloadavg()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ in `benchmarks/model_step.py` (MLM head at the P slots, backward = 2x forward).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -142,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from report import write_json      # beside this script
+
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -159,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": args.preset,
                 "torch": torch.__version__, "peak_tflops": args.peak_tflops, "steps": args.steps, "rounds": args.rounds}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        write_json(args.json, {"meta": meta, "results": [asdict(r) for r in results]})
     return 0
 
 

@@ -193,16 +193,24 @@ def _next_sentence(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 # Fine-tuning
 
 
-class BertForSequenceClassification(BertPreTrainedModel):
-    """[CLS] (pooled) -> dropout -> linear (paper Figure 4a/b). One label means regression (STS-B)."""
+class _LinearHead(BertPreTrainedModel):
+    """The encoder and one dropout + linear layer to `num_labels` outputs: the sequence head reads
+    the pooled [CLS], the token head every token (and builds no pooler)."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, *, add_pooling_layer: bool) -> None:
         super().__init__()
         self.config = config
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
         self.dropout = nn.Dropout(_head_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights(self.classifier)
+
+
+class BertForSequenceClassification(_LinearHead):
+    """[CLS] (pooled) -> dropout -> linear (paper Figure 4a/b). One label means regression (STS-B)."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, add_pooling_layer=True)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -219,16 +227,11 @@ class BertForSequenceClassification(BertPreTrainedModel):
         return TaskOutput(loss=loss, logits=logits)
 
 
-class BertForTokenClassification(BertPreTrainedModel):
+class BertForTokenClassification(_LinearHead):
     """Every token's final hidden state -> dropout -> linear (paper Figure 4d, NER). No pooler."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(_head_dropout(config))
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights(self.classifier)
+        super().__init__(config, add_pooling_layer=False)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,

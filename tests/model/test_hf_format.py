@@ -52,6 +52,17 @@ def hf_logits_at_real_slots(prediction_logits):
 # Export / import parity with transformers
 
 
+
+def assert_same_pretraining_outputs(ours, theirs) -> None:
+    """bertray's and transformers' pretraining heads give the same MLM and NSP logits on a batch."""
+    ids, types, mask = batch()
+    with torch.no_grad():
+        a = ours(ids, types, mask, POSITIONS, masked_lm_weights=WEIGHTS)
+        b = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    torch.testing.assert_close(a.mlm_logits, hf_logits_at_real_slots(b.prediction_logits), atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.nsp_logits, b.seq_relationship_logits, atol=1e-4, rtol=0)
+
+
 def test_pretraining_checkpoint_loads_in_transformers(tmp_path):
     torch.manual_seed(0)
     ours = BertForPreTraining(small()).eval()
@@ -62,12 +73,7 @@ def test_pretraining_checkpoint_loads_in_transformers(tmp_path):
     assert "cls.predictions.decoder.weight" not in load_file(tmp_path / "model.safetensors")
 
     theirs = transformers.BertForPreTraining.from_pretrained(tmp_path).eval()
-    ids, types, mask = batch()
-    with torch.no_grad():
-        a = ours(ids, types, mask, POSITIONS, masked_lm_weights=WEIGHTS)
-        b = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    torch.testing.assert_close(a.mlm_logits, hf_logits_at_real_slots(b.prediction_logits), atol=1e-4, rtol=0)
-    torch.testing.assert_close(a.nsp_logits, b.seq_relationship_logits, atol=1e-4, rtol=0)
+    assert_same_pretraining_outputs(ours, theirs)
 
 
 def test_transformers_pretraining_checkpoint_loads_in_bertray(tmp_path):
@@ -78,12 +84,7 @@ def test_transformers_pretraining_checkpoint_loads_in_bertray(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = BertForPreTraining.from_pretrained(tmp_path).eval()
     assert ours.cls.predictions.decoder.weight is ours.bert.embeddings.word_embeddings.weight
-    ids, types, mask = batch()
-    with torch.no_grad():
-        a = ours(ids, types, mask, POSITIONS, masked_lm_weights=WEIGHTS)
-        b = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    torch.testing.assert_close(a.mlm_logits, hf_logits_at_real_slots(b.prediction_logits), atol=1e-4, rtol=0)
-    torch.testing.assert_close(a.nsp_logits, b.seq_relationship_logits, atol=1e-4, rtol=0)
+    assert_same_pretraining_outputs(ours, theirs)
 
 
 TASKS = [
