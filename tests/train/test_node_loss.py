@@ -6,6 +6,8 @@ labels them and placed by `data.node_labels` / `scaling.node_labels`).
 - the data node that runs the tokenizer actor is removed as the stream starts, then the second
   data node too, so no data node is left: the run finishes, the stream goes on elsewhere and says
   so, and (data position in every checkpoint) no instance is skipped or trained twice;
+- the tokenizer actor's node is removed while its object store holds blocks the trainer has not
+  taken yet (blocks of hundreds of KB, in flight): no hang, and no instance lost or repeated;
 - the trainer node is removed and a new one added: training resumes on the new node from the
   newest checkpoint, losing at most the steps since it; the tokenizer actors and read tasks ran
   only on data nodes, the Train workers only on trainer nodes (read from Ray's state API).
@@ -34,6 +36,7 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
 
     import ray
+    from ray._private.internal_api import node_stats
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors, list_tasks
 
@@ -42,6 +45,7 @@ SCRIPT = textwrap.dedent('''
     from bertray.train.pretrain import run_pretraining
 
     corpus, output, events, passes = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    overrides = json.loads(sys.argv[5])
     TRAINER = {"num_cpus": 2, "resources": {"fake_gpu": 1}, "labels": {"bertray-role": "trainer"}}
     DATA = {"num_cpus": 1, "labels": {"bertray-role": "data"}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -71,7 +75,8 @@ SCRIPT = textwrap.dedent('''
         "train.phases": [{"fraction": 1.0, "max_seq_len": 64, "max_predictions_per_seq": 10, "batch_size": 8}],
         "scaling.num_workers": 1, "scaling.cpus_per_worker": 0.5, "scaling.worker_resources": {"fake_gpu": 1},
         "scaling.node_labels": {"bertray-role": "trainer"},
-        "run.output": str(output), "run.name": "node-loss", "run.max_failures": 3, "run.tensorboard": False})
+        "run.output": str(output), "run.name": "node-loss", "run.max_failures": 3, "run.tensorboard": False,
+        **overrides})
 
     def state(listing, **kw):
         """Ray's state API, retried: on a loaded machine a query can time out inside the GCS."""
@@ -83,6 +88,12 @@ SCRIPT = textwrap.dedent('''
                 time.sleep(1)
         raise RuntimeError("the state API did not answer")
 
+    def primary_copies(node):
+        """The blocks in `node`'s shared object store that were made there and are still referenced
+        (Ray keeps objects over 100 KiB there, smaller ones go inline to their owner)."""
+        stats = node_stats(node.node_ip_address, node.node_manager_port, include_memory_info=False).store_stats
+        return {"objects": stats.num_object_store_primary_copies, "bytes": stats.object_store_bytes_primary_copy}
+
     def actors(kind):
         """Actors of `kind`, alive or not: a tokenizer actor that has worked through a small corpus
         is gone, but the blocks it made stay in its node's object store until the trainer takes them."""
@@ -90,7 +101,9 @@ SCRIPT = textwrap.dedent('''
 
     def inject():
         """Each event waits until `latest` names its checkpoint (uploaded whole), then removes a node
-        (the data node of the tokenizer actor, any data node left, or the trainer node) and may add one."""
+        (the data node of the tokenizer actor, any data node left, or the trainer node) and may add one.
+        With `holding`, the removal waits until the node's object store holds blocks of the stream
+        that the trainer has not released yet (in flight)."""
         latest = output / "node-loss" / "latest"
         for event in events:
             while not (latest.exists() and latest.read_text().strip() >= f"checkpoint_{event['after']:08d}"
@@ -102,6 +115,12 @@ SCRIPT = textwrap.dedent('''
                 doomed = next(n for n in nodes["data"] if n.node_id in held)
             else:
                 doomed = nodes[event["remove"]][0]
+            if event.get("holding"):
+                deadline, held = time.monotonic() + 120, primary_copies(doomed)
+                while not held["objects"] and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    held = primary_copies(doomed)
+                print("HELD", json.dumps(held), flush=True)
             nodes[roles[doomed.node_id]].remove(doomed)
             cluster.remove_node(doomed)
             removed_at, before = time.monotonic(), latest.read_text().strip() if latest.exists() else ""
@@ -138,24 +157,36 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def corpus(tmp_path: Path, files: int = 24) -> Path:
+def corpus(tmp_path: Path, files: int = 24, chars: int = 5000) -> Path:
     text = (REPO / "samples/corpus/wikitext-2/wiki.valid.raw").read_text()
     articles = [a for a in text.split("\n = ") if len(a) > 400]
     folder = tmp_path / "corpus"
     folder.mkdir()
     for i in range(files):
-        chunk = articles[(i * 3) % len(articles):(i * 3) % len(articles) + 3]
-        (folder / f"part-{i:02d}.txt").write_text(" = " + "\n = ".join(chunk)[:5000] + "\n")
+        chunk, n = [], i * 3
+        while sum(map(len, chunk)) < chars:
+            chunk.append(articles[n % len(articles)])
+            n += 1
+        (folder / f"part-{i:02d}.txt").write_text(" = " + "\n = ".join(chunk)[:chars] + "\n")
     return folder
 
 
-def run_with_faults(tmp_path: Path, events: list[dict]) -> tuple[dict, list[dict], str]:
-    folder = corpus(tmp_path)
+# The stream of the tests: small files, one per unit, a few documents per buffer (blocks of a few KB,
+# which Ray returns inline to their owner rather than through a node's object store).
+SMALL_STREAM = {"files": 24, "chars": 5000, "data.docs_per_batch": 8, "data.files_per_read_task": 1}
+
+
+def run_with_faults(tmp_path: Path, events: list[dict], stream: dict | None = None) -> tuple[dict, list[dict], str]:
+    stream = stream or SMALL_STREAM
+    folder = corpus(tmp_path, stream["files"], stream["chars"])
+    overrides = {k: v for k, v in stream.items() if "." in k}
+    (tmp_path / "stream.json").write_text(json.dumps(stream))
     script = tmp_path / "node_loss.py"
     script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "runs"), json.dumps(events), "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=840)
+    done = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "runs"), json.dumps(events), "1",
+                           json.dumps(overrides)], cwd=REPO, capture_output=True, text=True, timeout=840)
     log = done.stdout + done.stderr
+    (tmp_path / "run.log").write_text(log)       # kept under pytest's basetemp for a failed run
     assert done.returncode == 0, log[-8000:]
     assert "RESULT " in done.stdout, log[-4000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
@@ -176,9 +207,10 @@ def trained_against_the_pass(tmp_path: Path) -> tuple[Counter, Counter]:
     parts = [dict(np.load(p)) for p in sorted(run.glob("checkpoint_[0-9]*/trained_instances.npz"))]
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     folder = tmp_path / "corpus"
-    tokenizer = Tokenizer.from_file(str(run / "checkpoint_00000004" / "tokenizer.json"))
-    data = DataSection(corpus=(str(folder),), layout="wikitext", vocab_size=2000, docs_per_batch=8,
-                       files_per_read_task=1)
+    tokenizer = Tokenizer.from_file(str(next(run.glob("checkpoint_[0-9]*")) / "tokenizer.json"))
+    stream = json.loads((tmp_path / "stream.json").read_text())
+    data = DataSection(corpus=(str(folder),), layout="wikitext", vocab_size=2000,
+                       docs_per_batch=stream["data.docs_per_batch"], files_per_read_task=stream["data.files_per_read_task"])
     spec = stream_spec(data, PhaseConfig(max_seq_len=64, max_predictions_per_seq=10, batch_size=8),
                        tokenizer.to_str(), seed=0, generation=0, passes=1)
     key = ("doc_id", "a_start", "a_end", "b_doc_id", "b_start", "b_end", "pass_index")
@@ -251,4 +283,29 @@ def test_losing_the_trainer_node_resumes_on_a_new_one_from_the_newest_checkpoint
     assert len({node for _, node in placement["RayTrainWorker"]}) == 2       # the lost node, then the new one
     print("redone steps:", redone)
     assert recovery(log)["checkpoint"] > removed["latest"]
+    assert_every_instance_once(tmp_path)
+
+
+# Blocks of hundreds of KB, which live in the object store of the node that made them: four 40 KB
+# files per unit, the whole unit in one buffer.
+BIG_BLOCKS = {"files": 12, "chars": 40_000, "data.docs_per_batch": 256, "data.files_per_read_task": 4,
+              "train.checkpoint_every": 20}
+
+
+def test_losing_the_node_that_holds_blocks_in_flight_loses_no_instance(tmp_path):
+    """After checkpoint 20, the tokenizer actor's node is removed at a moment its object store holds
+    blocks of the stream that the trainer has not released (made there, in flight to the trainer):
+    their primary copies go with the node. No hang (the batch-wait watchdog, the test's timeout) and
+    no silent loss: every instance of the pass is trained once, however the blocks come back (Ray
+    resubmits the tasks that made them or promotes a copy already pulled to the trainer's node, or
+    the worker group restarts from the checkpoint)."""
+    result, history, log = run_with_faults(tmp_path, [{"after": 20, "holding": True, "remove": "tokenizer_node"}],
+                                           BIG_BLOCKS)
+    held = json.loads(log.split("HELD ", 1)[1].splitlines()[0])
+    assert held["objects"] > 0 and held["bytes"] > 100 * 1024, held
+    (removed,) = removals(log)
+    assert removed["role"] == "data" and removed["latest"] >= "checkpoint_00000020"
+    assert result["metrics"]["step"] > 20
+    print("in flight:", held, "restarts:", history[-1]["restarts"], "files read:", result["counters"]["files"],
+          "recovery:", recovery(log), "Ray:", re.findall(r"Attempting to recover \d+ lost objects", log))
     assert_every_instance_once(tmp_path)
