@@ -157,7 +157,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def corpus(tmp_path: Path, files: int = 24, chars: int = 5000) -> Path:
+def corpus(tmp_path: Path, files: int, chars: int) -> Path:
     text = (REPO / "samples/corpus/wikitext-2/wiki.valid.raw").read_text()
     articles = [a for a in text.split("\n = ") if len(a) > 400]
     folder = tmp_path / "corpus"
