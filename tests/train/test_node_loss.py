@@ -99,15 +99,20 @@ SCRIPT = textwrap.dedent('''
         is gone, but the blocks it made stay in its node's object store until the trainer takes them."""
         return [a for a in state(list_actors) if kind in f"{a.class_name} {a.repr_name}" and a.node_id]
 
+    def stream_started():
+        """The tokenizer actor is up and a unit read has finished (its files are in the counters)."""
+        return (any(a.state == "ALIVE" for a in actors("TokenizePairMask"))
+                and any("read_units" in t.name for t in state(list_tasks, filters=[("state", "=", "FINISHED")])))
+
     def inject():
-        """Each event waits until `latest` names its checkpoint (uploaded whole), then removes a node
-        (the data node of the tokenizer actor, any data node left, or the trainer node) and may add one.
-        With `holding`, the removal waits until the node's object store holds blocks of the stream
+        """Each event waits until `latest` names its checkpoint (uploaded whole), or with `after` 0
+        until the stream has started, then removes a node (the data node of the tokenizer actor, any
+        data node left, or the trainer node) and may add one. With `holding`, the removal waits until the node's object store holds blocks of the stream
         that the trainer has not released yet (in flight)."""
         latest = output / "node-loss" / "latest"
         for event in events:
             while not (latest.exists() and latest.read_text().strip() >= f"checkpoint_{event['after']:08d}"
-                       or event["after"] == 0 and any(a.state == "ALIVE" for a in actors("TokenizePairMask"))):
+                       or event["after"] == 0 and stream_started()):
                 time.sleep(0.1)
             if event["remove"] == "tokenizer_node":
                 held = {a.node_id for a in actors("TokenizePairMask") if a.state == "ALIVE"}
