@@ -107,8 +107,8 @@ SCRIPT = textwrap.dedent('''
     def inject():
         """Each event waits until `latest` names its checkpoint (uploaded whole), or with `after` 0
         until the stream has started, then removes a node (the data node of the tokenizer actor, any
-        data node left, or the trainer node) and may add one. With `holding`, the removal waits until the node's object store holds blocks of the stream
-        that the trainer has not released yet (in flight)."""
+        data node left, or the trainer node) and may add one. With `holding`, the removal waits until
+        the node's object store holds blocks of the stream that the trainer has not released yet."""
         latest = output / "node-loss" / "latest"
         for event in events:
             while not (latest.exists() and latest.read_text().strip() >= f"checkpoint_{event['after']:08d}"
@@ -121,11 +121,11 @@ SCRIPT = textwrap.dedent('''
             else:
                 doomed = nodes[event["remove"]][0]
             if event.get("holding"):
-                deadline, held = time.monotonic() + 120, primary_copies(doomed)
-                while not held["objects"] and time.monotonic() < deadline:
+                deadline, stored = time.monotonic() + 120, primary_copies(doomed)
+                while not stored["objects"] and time.monotonic() < deadline:
                     time.sleep(0.02)
-                    held = primary_copies(doomed)
-                print("HELD", json.dumps(held), flush=True)
+                    stored = primary_copies(doomed)
+                print("HELD", json.dumps(stored), flush=True)
             nodes[roles[doomed.node_id]].remove(doomed)
             cluster.remove_node(doomed)
             removed_at, before = time.monotonic(), latest.read_text().strip() if latest.exists() else ""
