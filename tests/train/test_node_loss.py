@@ -214,7 +214,8 @@ def trained_against_the_pass(tmp_path: Path) -> tuple[Counter, Counter]:
     folder = tmp_path / "corpus"
     tokenizer = Tokenizer.from_file(str(next(run.glob("checkpoint_[0-9]*")) / "tokenizer.json"))
     stream = json.loads((tmp_path / "stream.json").read_text())
-    data = DataSection(corpus=(str(folder),), layout="wikitext", vocab_size=2000, docs_per_batch=stream["data.docs_per_batch"],
+    data = DataSection(corpus=(str(folder),), layout="wikitext", vocab_size=2000,
+                       docs_per_batch=stream["data.docs_per_batch"],
                        files_per_read_task=stream["data.files_per_read_task"])
     spec = stream_spec(data, PhaseConfig(max_seq_len=64, max_predictions_per_seq=10, batch_size=8),
                        tokenizer.to_str(), seed=0, generation=0, passes=1)
