@@ -45,7 +45,8 @@ SCRIPT = textwrap.dedent('''
     from bertray.train.pretrain import run_pretraining
 
     corpus, output, events, passes = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-    overrides = json.loads(sys.argv[5])
+    stream = json.loads(Path(sys.argv[5]).read_text())          # the stream's shape, as run_with_faults wrote it
+    overrides = {k: v for k, v in stream.items() if "." in k}
     TRAINER = {"num_cpus": 2, "resources": {"fake_gpu": 1}, "labels": {"bertray-role": "trainer"}}
     DATA = {"num_cpus": 1, "labels": {"bertray-role": "data"}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -184,12 +185,11 @@ SMALL_STREAM = {"files": 24, "chars": 5000, "data.docs_per_batch": 8, "data.file
 def run_with_faults(tmp_path: Path, events: list[dict], stream: dict | None = None) -> tuple[dict, list[dict], str]:
     stream = stream or SMALL_STREAM
     folder = corpus(tmp_path, stream["files"], stream["chars"])
-    overrides = {k: v for k, v in stream.items() if "." in k}
-    (tmp_path / "stream.json").write_text(json.dumps(stream))
+    (tmp_path / "stream.json").write_text(json.dumps(stream))     # read by the script and by trained_against_the_pass
     script = tmp_path / "node_loss.py"
     script.write_text(SCRIPT)
     done = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "runs"), json.dumps(events), "1",
-                           json.dumps(overrides)], cwd=REPO, capture_output=True, text=True, timeout=840)
+                           str(tmp_path / "stream.json")], cwd=REPO, capture_output=True, text=True, timeout=840)
     log = done.stdout + done.stderr
     (tmp_path / "run.log").write_text(log)       # kept under pytest's basetemp for a failed run
     assert done.returncode == 0, log[-8000:]
