@@ -8,6 +8,12 @@ replica of the MiniLM SST-2 model on a local Ray with Ray Serve, over real HTTP.
 Prints p50 / p99 latency and requests/s per concurrency and mode, and checks the targets: at
 concurrency 32, batching gives >= 3x the requests/s of batching off, and its p99 stays within
 3x the p50 at concurrency 1 plus the batch wait timeout. Writes JSON.
+
+Before the service starts, the inner loop alone (in this process, no HTTP, the replica's threads)
+times a batch of one sentence and a batch of `--max-batch-size`: the most batching can give on
+this machine, whatever the HTTP path costs. Its per-sentence cost at batch 1 over that at the full
+batch bounds the speedup; and a closed loop of N clients waits at least one full batch's time, so
+the p99 bound is within reach only where a full batch costs less than 3 batches of one.
 """
 
 from __future__ import annotations
@@ -69,6 +75,33 @@ async def load(url: str, texts: list[str], concurrency: int, seconds: float, war
             "p99_ms": 1000 * percentile(latencies, 99)}
 
 
+def inner_loop_ceiling(model: str, texts: list[str], batch: int, threads: int, rounds: int = 5) -> dict:
+    """Seconds of one `classify` call on 1 sentence and on `batch` sentences (fastest of `rounds`,
+    over different texts), and what they allow: the speedup batching can give at most, and the
+    shortest wait of a request at concurrency `batch` (one full batch)."""
+    import torch
+
+    from bertray.predict.inference import classify
+    from bertray.predict.model import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model, device="cpu")
+    single, full = float("inf"), float("inf")
+    for r in range(rounds + 1):                    # the first round warms up
+        chosen = texts[r * batch:(r + 1) * batch]
+        tick = time.perf_counter()
+        for text in chosen:
+            classify(loaded, [text])
+        one = (time.perf_counter() - tick) / len(chosen)
+        tick = time.perf_counter()
+        classify(loaded, chosen, batch_size=batch)
+        whole = time.perf_counter() - tick
+        if r:
+            single, full = min(single, one), min(full, whole)
+    return {"batch_1_ms": 1000 * single, f"batch_{batch}_ms": 1000 * full,
+            "max_speedup": batch * single / full, "full_batch_over_single": full / single}
+
+
 def main() -> None:
     from predict import cached_sst2_model, model_arguments, sst2_texts   # beside this script
     from report import write_json
@@ -90,6 +123,7 @@ def main() -> None:
 
     model = args.model or str(cached_sst2_model(args.data, args.steps))
     texts, _ = sst2_texts(args.data)
+    ceiling = inner_loop_ceiling(model, texts, args.max_batch_size, args.threads)
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -126,6 +160,10 @@ def main() -> None:
     print(f"  req/s at 32, batching on / off: {speedup:.2f}x (target >= 3x)")
     print(f"  p99 at 32 with batching {on[32]['p99_ms']:.0f} ms; limit 3 x p50 at 1 + wait = {p99_limit_ms:.0f} ms "
           f"({'met' if on[32]['p99_ms'] <= p99_limit_ms else 'missed'})")
+    print(f"  the inner loop alone, no HTTP: {ceiling['batch_1_ms']:.1f} ms for 1 sentence, "
+          f"{ceiling[f'batch_{args.max_batch_size}_ms']:.0f} ms for {args.max_batch_size}: batching gives at most "
+          f"{ceiling['max_speedup']:.2f}x here, and a full batch costs {ceiling['full_batch_over_single']:.1f}x "
+          f"one sentence (the p99 bound needs < 3x)")
     print(f"  requests per batch seen (batching on): {results['batching on stats']['requests_per_batch']}")
     for mode in ("batching on", "batching off"):
         stats = results[mode + " stats"]
@@ -136,7 +174,7 @@ def main() -> None:
     print(f"  load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     report = {"model": model, "threads": args.threads, "num_cpus": args.num_cpus, "max_batch_size": args.max_batch_size,
               "batch_wait_timeout_s": args.batch_wait_timeout_s, "seconds": args.seconds, "results": results,
-              "speedup_at_32": speedup, "p99_limit_ms": p99_limit_ms, "load_average": os.getloadavg()}
+              "speedup_at_32": speedup, "inner_loop_ceiling": ceiling, "p99_limit_ms": p99_limit_ms, "load_average": os.getloadavg()}
     write_json(args.json, report)
 
 
