@@ -303,7 +303,7 @@ def make_packed_instances(documents: Sequence[Sequence[np.ndarray]], *, max_seq_
     for d, kept in enumerate(batch.kept):
         first = batch.doc_first[d]
         lo = hi = None
-        s_start = 0
+        s_start = s_end = 0
         for g in kept:
             s_lo, s_hi = offset[g], offset[g + 1]
             if lo is not None and s_hi - lo > capacity:
