@@ -77,8 +77,8 @@ async def load(url: str, texts: list[str], concurrency: int, seconds: float, war
 
 def inner_loop_ceiling(model: str, texts: list[str], batch: int, threads: int, rounds: int = 5) -> dict:
     """Seconds of one `classify` call on 1 sentence and on `batch` sentences (fastest of `rounds`,
-    over different texts), and what they allow: the speedup batching can give at most, and the
-    shortest wait of a request at concurrency `batch` (one full batch)."""
+    over different texts), and what they allow: the speedup batching can give at most, and a full
+    batch's cost in single sentences (a request at concurrency `batch` waits at least one batch)."""
     import torch
 
     from bertray.predict.inference import classify
@@ -174,7 +174,8 @@ def main() -> None:
     print(f"  load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     report = {"model": model, "threads": args.threads, "num_cpus": args.num_cpus, "max_batch_size": args.max_batch_size,
               "batch_wait_timeout_s": args.batch_wait_timeout_s, "seconds": args.seconds, "results": results,
-              "speedup_at_32": speedup, "inner_loop_ceiling": ceiling, "p99_limit_ms": p99_limit_ms, "load_average": os.getloadavg()}
+              "speedup_at_32": speedup, "inner_loop_ceiling": ceiling, "p99_limit_ms": p99_limit_ms,
+              "load_average": os.getloadavg()}
     write_json(args.json, report)
 
 

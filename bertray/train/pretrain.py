@@ -272,7 +272,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             # Metric lines go to bertray's sinks only, never to a metrics-only `ray.train.report`: that
             # is a barrier across ranks that then waits until the controller (polling every 2 s) has
             # taken the previous report, so logging every few fast steps held the loop to one report
-            # per poll (30.6 against 114 sequences/s, the embedded default logging every 2 steps).
+            # per poll (the embedded default logging every 2 steps: 30.6 sequences/s, 98.6 without it).
             # Ray keeps only the metrics attached to checkpoints anyway.
             if final or state.step % tcfg.checkpoint_every == 0 or state.step in tcfg.save_at_steps:
                 _checkpoint(state.step)
