@@ -75,31 +75,28 @@ async def load(url: str, texts: list[str], concurrency: int, seconds: float, war
             "p99_ms": 1000 * percentile(latencies, 99)}
 
 
-def inner_loop_ceiling(model: str, texts: list[str], batch: int, threads: int, rounds: int = 5) -> dict:
-    """Seconds of one `classify` call on 1 sentence and on `batch` sentences (fastest of `rounds`,
-    over different texts), and what they allow: the speedup batching can give at most, and a full
-    batch's cost in single sentences (a request at concurrency `batch` waits at least one batch)."""
-    import torch
+def inner_loop_ceiling(model: str, texts: list[str], batch: int, threads: int, rounds: int = 3) -> dict:
+    """Milliseconds of the inner loop per call on one sentence and on `batch` sentences, over the same
+    `4 * batch` texts (fastest of `rounds`), and what they allow: the speedup batching can give at
+    most, and a full batch's cost in single sentences (a request at concurrency `batch` waits at
+    least one batch)."""
+    from predict import fastest_interleaved   # beside this script
 
     from bertray.predict.inference import classify
     from bertray.predict.model import load_model
 
-    torch.set_num_threads(threads)
-    loaded = load_model(model, device="cpu")
-    single, full = float("inf"), float("inf")
-    for r in range(rounds + 1):                    # the first round warms up
-        chosen = texts[r * batch:(r + 1) * batch]
-        tick = time.perf_counter()
-        for text in chosen:
-            classify(loaded, [text])
-        one = (time.perf_counter() - tick) / len(chosen)
-        tick = time.perf_counter()
-        classify(loaded, chosen, batch_size=batch)
-        whole = time.perf_counter() - tick
-        if r:
-            single, full = min(single, one), min(full, whole)
+    loaded = load_model(model, device="cpu", threads=threads)
+    chosen = texts[:4 * batch]
+    calls = [chosen[i:i + batch] for i in range(0, len(chosen), batch)]
+    contenders = {"single": lambda: [classify(loaded, [text]) for text in chosen],
+                  "full": lambda: [classify(loaded, call, batch_size=batch) for call in calls]}
+    for run in contenders.values():            # warm-up
+        run()
+    seconds = fastest_interleaved(contenders, rounds)
+    single, full = seconds["single"] / len(chosen), seconds["full"] / len(calls)
     return {"batch_1_ms": 1000 * single, f"batch_{batch}_ms": 1000 * full,
-            "max_speedup": batch * single / full, "full_batch_over_single": full / single}
+            "max_speedup": seconds["single"] / seconds["full"],     # the same texts both ways
+            "full_batch_over_single": full / single}
 
 
 def main() -> None:
