@@ -231,7 +231,8 @@ def train(texts: Iterable[str], *, vocab_size: int, lowercase: bool = True, min_
 # Saving and loading
 
 
-def _lowercases(tokenizer: Tokenizer) -> bool:
+def lowercases(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer lower-cases its input (an uncased vocabulary)."""
     def walk(node: object) -> bool:
         if isinstance(node, dict):
             return node.get("type") == "Lowercase" or node.get("lowercase") is True or any(map(walk, node.values()))
@@ -266,7 +267,7 @@ def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
         f.write(tokenizer.to_str(pretty=True))
     with fs.open(posixpath.join(root, VOCAB_FILE), "w", encoding="utf-8") as f:
         f.write("".join(token + "\n" for token, _ in by_id))
-    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": _lowercases(tokenizer),
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercases(tokenizer),
               "unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
     with fs.open(posixpath.join(root, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -297,9 +298,25 @@ def _from_json(path: str) -> Tokenizer:
     return tokenizer
 
 
+def _configured_lowercase(fs: fsspec.AbstractFileSystem, root: str, shown: str) -> bool | None:
+    """`do_lower_case` of a checkpoint's `tokenizer_config.json` (what `transformers` applies to its
+    `vocab.txt`), or None where there is none (then the vocabulary's own casing decides)."""
+    config_path = posixpath.join(root, TOKENIZER_CONFIG_FILE)
+    if not fs.isfile(config_path):
+        return None
+    try:
+        value = json.loads(fs.cat_file(config_path)).get("do_lower_case")
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"{shown}/{TOKENIZER_CONFIG_FILE}: not a JSON object ({exc})") from None
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{shown}/{TOKENIZER_CONFIG_FILE}: do_lower_case must be true or false, got {value!r}")
+    return value
+
+
 def load(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer at `path`: a directory (its `tokenizer.json`, else its `vocab.txt`), a
-    `tokenizer.json` file, or a `vocab.txt` file; local or any fsspec URL (s3://, gs://, ...).
+    """The tokenizer at `path`: a directory (its `tokenizer.json`, else its `vocab.txt`, lower-cased
+    as its `tokenizer_config.json` says), a `tokenizer.json` file, or a `vocab.txt` file; local or
+    any fsspec URL (s3://, gs://, ...).
 
     Raises `ConfigError` naming `path` when nothing usable is there, or when the vocabulary lacks
     a BERT special token.
@@ -307,11 +324,13 @@ def load(path: str | os.PathLike) -> Tokenizer:
     path = os.fspath(path)
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isdir(root):
-        for name, reader in ((TOKENIZER_FILE, _from_json), (VOCAB_FILE, from_vocab)):
-            inner = posixpath.join(root, name)
-            if fs.isfile(inner):
-                tokenizer = reader(fs.unstrip_protocol(inner) if "://" in path else os.path.join(path, name))
-                break
+        def inner(name: str) -> str:
+            return fs.unstrip_protocol(posixpath.join(root, name)) if "://" in path else os.path.join(path, name)
+
+        if fs.isfile(posixpath.join(root, TOKENIZER_FILE)):
+            tokenizer = _from_json(inner(TOKENIZER_FILE))
+        elif fs.isfile(posixpath.join(root, VOCAB_FILE)):
+            tokenizer = from_vocab(inner(VOCAB_FILE), lowercase=_configured_lowercase(fs, root, path))
         else:
             raise ConfigError(f"{path}: the directory has neither {TOKENIZER_FILE} nor {VOCAB_FILE}; "
                               f"point at a tokenizer directory (bertray.wordpiece.save writes one)")

@@ -65,6 +65,14 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = dataclasses.replace(cfg, data=with_repo_paths(cfg.data))
+    from bertray.train.init_from import starting_checkpoint
+
+    try:        # a checkpoint that does not fit the run's settings is refused before anything starts
+        resuming = _has_checkpoint(cfg)     # the run's own checkpoint takes precedence over init_from
+        start = None if resuming else starting_checkpoint(cfg)
+    except BertrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     import ray
 
@@ -74,12 +82,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     started = time.perf_counter()
     start_ray(args.address, args.num_cpus, quiet=not args.verbose)
-    print(f"bertray pretraining: run {cfg.run.name!r} -> {cfg.run.output}, model {cfg.model.preset}, "
+    print(f"bertray pretraining: run {cfg.run.name!r} -> {cfg.run.output}, model {_model(cfg, start, resuming)}, "
           f"objective {cfg.data.objective}, {cfg.train.max_steps} steps, {_workers(cfg.scaling)} worker(s)\n"
           f"{ray_logs_line(args.address)}", flush=True)
     try:
         result = run_pretraining(cfg, progress_bars=args.progress_bars and args.verbose,
-                                 console=None if args.verbose else sys.stdout)
+                                 console=None if args.verbose else sys.stdout, start=start)
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,6 +111,25 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _has_checkpoint(cfg) -> bool:
+    from bertray.storage import absolute_url, join_url
+    from bertray.train.pretrain import latest_run_state
+
+    return latest_run_state(join_url(absolute_url(cfg.run.output), cfg.run.name)) is not None
+
+
+def _model(cfg, start, resuming: bool) -> str:
+    """The model as it is: the checkpoint it continues, or the preset it starts from at random."""
+    if start is not None:
+        return start.describe()
+    if resuming and cfg.model.init_from:
+        return f"continued from {cfg.model.init_from}, resumed from the run's own checkpoint"
+    from bertray.train.config import DEFAULT_PRESET
+
+    arch = cfg.model.bert_config(cfg.data.vocab_size, is_causal=False)
+    return f"{cfg.model.preset or DEFAULT_PRESET} ({arch.num_hidden_layers} layers, {arch.hidden_size} wide, random init)"
 
 
 def _workers(scaling) -> str:

@@ -114,22 +114,53 @@ def verify_checkpoint(url: str) -> BertConfig:
         if fs.isfile(f"{root}/{PYTORCH_NAME}"):
             return config
         raise CheckpointError(f"{where} has no {SAFETENSORS_NAME} (or {PYTORCH_NAME})")
-    size = fs.size(weights)
+    _safetensors_header(fs, weights, f"{where}/{SAFETENSORS_NAME}")
+    return config
+
+
+def _safetensors_header(fs: Any, path: str, where: str) -> dict[str, Any]:
+    """The tensor table of a `model.safetensors` (name -> dtype, shape, offsets), read without the
+    weights, after checking that the file is as long as the table says."""
+    import json
+
+    size = fs.size(path)
     try:
-        with fs.open(weights, "rb") as f:
+        with fs.open(path, "rb") as f:
             head = f.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 0 < length <= size - 8:
                 raise ValueError(f"header length {length} in a file of {size} bytes")
             header = json.loads(f.read(length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"{where}/{SAFETENSORS_NAME} is corrupt or truncated ({exc}); re-download it "
+        header.pop("__metadata__", None)
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"{where} is corrupt or truncated ({exc}); re-download it "
                               f"or re-save the checkpoint") from None
     if size != 8 + length + end:
-        raise CheckpointError(f"{where}/{SAFETENSORS_NAME} is truncated or padded: {size} bytes where its "
+        raise CheckpointError(f"{where} is truncated or padded: {size} bytes where its "
                               f"header says {8 + length + end}; re-download it or re-save the checkpoint")
-    return config
+    return header
+
+
+def tensor_shapes(url: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name (after `normalize_names`) and shape in the checkpoint folder at `url`
+    (any fsspec URL), without reading the weights of a `model.safetensors`: what a driver needs to
+    decide, before any worker starts, whether the checkpoint fits a model and which heads it has."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root, where = root.rstrip("/"), url.rstrip("/")
+    weights = f"{root}/{SAFETENSORS_NAME}"
+    if fs.isfile(weights):
+        header = _safetensors_header(fs, weights, f"{where}/{SAFETENSORS_NAME}")
+        shapes = {name: tuple(t["shape"]) for name, t in header.items()}
+    elif fs.isfile(f"{root}/{PYTORCH_NAME}"):
+        with tempfile.TemporaryDirectory() as local:
+            fs.get_file(f"{root}/{PYTORCH_NAME}", os.path.join(local, PYTORCH_NAME))
+            shapes = {name: tuple(t.shape) for name, t in _read_tensors(Path(local)).items()}
+    else:
+        raise CheckpointError(f"{where} has no {SAFETENSORS_NAME} (or {PYTORCH_NAME})")
+    return normalize_names(shapes)
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -189,7 +220,7 @@ def _atomic_write(target: Path, write) -> None:
 # Key rules
 
 
-def normalize_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalize_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Drop stateless buffers and rename TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`."""
     out = {}
     for name, tensor in tensors.items():

@@ -19,14 +19,23 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]    # autocast dtype of train
 OptimizerName = Literal["adamw", "bert_adam", "lamb"]
 
 
+DEFAULT_PRESET = "tiny"
+
+
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = doc("tiny", "model size: tiny, mini, small, medium, base or large (Google's released sizes)")
-    overrides: dict[str, Any] = doc({}, "BertConfig fields that replace the preset's (e.g. {hidden_dropout_prob: 0.0})")
-    init_from: str | None = doc(None, "start from this checkpoint directory (Hugging Face layout) instead of random weights")
+    preset: str | None = doc(None, "model size: tiny, mini, small, medium, base or large (Google's released sizes); "
+                                   "null: tiny, or with init_from the checkpoint's")
+    overrides: dict[str, Any] = doc({}, "BertConfig fields that replace the preset's (e.g. {hidden_dropout_prob: 0.0}); "
+                                        "with init_from only those that keep the weights' shapes (dropout)")
+    init_from: str | None = doc(None, "continue from this checkpoint (a Hugging Face layout folder, local or object "
+                                      "storage, or a run directory): its weights, architecture and vocabulary; the "
+                                      "run's own checkpoint, when it has one, takes precedence (resume)")
 
     def bert_config(self, vocab_size: int, *, is_causal: bool) -> BertConfig:
-        return BertConfig.preset(self.preset, **{"vocab_size": vocab_size, "is_causal": is_causal, **self.overrides})
+        """The architecture of a run from random weights."""
+        return BertConfig.preset(self.preset or DEFAULT_PRESET,
+                                 **{"vocab_size": vocab_size, "is_causal": is_causal, **self.overrides})
 
     def __post_init__(self) -> None:
         self.bert_config(30522, is_causal=False)  # validates preset and overrides at the edge

@@ -28,6 +28,7 @@ import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from bertray import wordpiece
 from bertray.config import to_mapping
 from bertray.model.config import BertConfig
 from bertray.train.config import PretrainConfig
@@ -37,12 +38,13 @@ from bertray.data.position import POSITION_COLUMNS, DataPosition, StreamLayout, 
 from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError, CorpusError, TrainingDiverged
-from bertray.model.hf_format import verify_checkpoint
+from bertray.model.hf_format import fit_state_dict, load_state_dict, verify_checkpoint
 from bertray.storage import absolute_url, exists, is_local_url, join_url, ray_storage, write_text
 from bertray.train.console import ConsoleFollower, ConsoleLines, forward_worker_logs
 from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, check_config_change, checkpoint_step,
-                                       load_run_state, load_training_state, resolve_checkpoint,
+                                       load_run_state, load_training_state, local_checkpoint, resolve_checkpoint,
                                        save_training_checkpoint, set_rng_state)
+from bertray.train.init_from import StartingCheckpoint, starting_checkpoint
 from bertray.train.lease import RunLease
 from bertray.train.curves import BASELINES, HISTORY, write_run_curves
 from bertray.train.batches import HostBatch, pretraining_batch
@@ -146,9 +148,11 @@ def _build_model(plan: WorkerPlan, checkpoint: ray.train.Checkpoint | None):
         with checkpoint.as_directory() as directory:
             return (BertForPreTraining.from_pretrained(directory), load_run_state(directory),
                     load_training_state(directory))
-    if plan.init_from:
-        return BertForPreTraining.from_pretrained(plan.init_from), None, None
-    return BertForPreTraining(BertConfig.from_dict(plan.bert_config)), None, None
+    model = BertForPreTraining(BertConfig.from_dict(plan.bert_config))
+    if plan.init_from:    # the driver checked that it fits and said which heads carry over
+        _, tensors = load_state_dict(local_checkpoint(plan.init_from))
+        model.load_state_dict(fit_state_dict(tensors, model.state_dict(), source=plan.init_from).tensors, strict=False)
+    return model, None, None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -656,7 +660,8 @@ def _has_autoscaler() -> bool:
 
 
 def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False, console: TextIO | None = None,
-                    prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> PretrainResult:
+                    prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                    start: StartingCheckpoint | None = None) -> PretrainResult:
     """Run (or resume) pretraining as configured; returns the final metrics and checkpoint URL.
 
     `console`: where the workers' `bertray` log lines (metric lines, phases, warnings) are printed on
@@ -665,7 +670,9 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False, console
 
     `prepare_datasets` may replace the per-phase dataset factories (benchmarks/ingest.py feeds the
     same loop from memory to measure what the streaming pipeline costs). One driver at a time
-    writes a run: a second one is refused while the first holds the run's lease (`RunLease`)."""
+    writes a run: a second one is refused while the first holds the run's lease (`RunLease`).
+
+    `start`: `starting_checkpoint(cfg)` where the caller has already checked `model.init_from`."""
     # Progress bars of several streaming operators interleave badly with the metric lines in job
     # logs; Train copies the driver's DataContext to the workers when the trainer is built.
     context = ray.data.DataContext.get_current()
@@ -678,7 +685,7 @@ def run_pretraining(cfg: PretrainConfig, *, progress_bars: bool = False, console
     lease = RunLease.acquire(run_url, stale_after_s=cfg.run.lease_stale_s)
     try:
         lease.start_heartbeat(min(60.0, cfg.run.lease_stale_s / 4))
-        return _run(cfg, run_url, started, progress_bars, console, prepare_datasets)
+        return _run(cfg, run_url, started, progress_bars, console, prepare_datasets, start)
     finally:
         lease.release()
 
@@ -703,22 +710,30 @@ def check_resume_config(cfg: PretrainConfig, saved: RunState | None, where: str)
 
 
 def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool, console: TextIO | None,
-         prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None) -> PretrainResult:
+         prepare_datasets: Callable[[dict[str, Any]], dict[str, Any]] | None,
+         start: StartingCheckpoint | None) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     saved = latest_run_state(run_url)
     check_resume_config(cfg, saved, where=f"{run_url} (step {saved.step})" if saved else run_url)
-    init_from = resolve_checkpoint(cfg.model.init_from) if cfg.model.init_from else None
-    if init_from:
-        verify_checkpoint(init_from)        # here, once, rather than in every worker after the group started
+    if cfg.model.init_from and saved is None:
+        # here, once, rather than in every worker after the group started
+        start = start or starting_checkpoint(cfg)
+        log.info(start.heads_line())
     files = resolve_corpus(cfg.data.corpus, storage_options=cfg.data.storage_options)
     log.info("corpus: %d file(s), %s bytes", len(files), f"{sum(f.size or 0 for f in files):,}")
     warning = preflight_layout(files, cfg.data.corpus_layout(), fmt=cfg.data.format,
                                storage_options=cfg.data.storage_options)
     if warning:
         log.warning(warning)
-    tokenizer = run_tokenizer(cfg.data, files, run_url)
-    bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
+    if cfg.model.init_from and saved is not None:   # the run's own checkpoint holds what it took from init_from
+        own = resolve_checkpoint(run_url)
+        tokenizer, bert_config = wordpiece.load(own), verify_checkpoint(own)
+    elif start is not None:
+        tokenizer, bert_config = start.tokenizer, start.config
+    else:
+        tokenizer = run_tokenizer(cfg.data, files, run_url)
+        bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
     tokenizer_json = tokenizer.to_str()
     evaluation = eval_batches(cfg, tokenizer_json, files)
     baselines = eval_baselines(evaluation)
@@ -733,7 +748,7 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
     tensorboard_dir, tensorboard_url = _tensorboard_dirs(run_url) if cfg.run.tensorboard else (None, None)
     plan = WorkerPlan(config=cfg, bert_config=bert_config.to_dict(), tokenizer_json=tokenizer_json, run_url=run_url,
                       eval_batches=evaluation, baselines=baselines,
-                      init_from=init_from,
+                      init_from=start.url if start is not None and saved is None else None,
                       tensorboard_dir=tensorboard_dir, tensorboard_url=tensorboard_url, corpus_files=len(files),
                       console=on_driver_node(ConsoleLines).remote() if console is not None else None)
     scaling = ray.train.ScalingConfig(
