@@ -21,9 +21,9 @@ from tokenizers import Tokenizer
 from bertray import wordpiece
 from bertray.errors import ConfigError
 from bertray.model.config import MODEL_PRESETS, BertConfig
-from bertray.model.hf_format import fit_state_dict, tensor_shapes, verify_checkpoint
+from bertray.model.hf_format import fit_state_dict, load_state_dict, tensor_shapes, verify_checkpoint
 from bertray.storage import absolute_url, redact_url
-from bertray.train.checkpoints import resolve_checkpoint
+from bertray.train.checkpoints import local_checkpoint, resolve_checkpoint
 from bertray.train.config import PretrainConfig
 
 # BertConfig keys that fix the shape of the weights: a run cannot change them and keep the checkpoint.
@@ -97,6 +97,13 @@ def starting_checkpoint(cfg: PretrainConfig) -> StartingCheckpoint | None:
     return StartingCheckpoint(url=url, config=config, tokenizer=tokenizer,
                               loaded_heads=tuple(h for h in HEADS if h not in fresh), fresh_heads=fresh,
                               parameters=sum(p.numel() for p in model.parameters()))
+
+
+def load_starting_weights(model: torch.nn.Module, url: str) -> None:
+    """The checkpoint's tensors into a freshly built model, on the node that trains it: heads the
+    checkpoint lacks keep their initialisation (`starting_checkpoint` said which, once, on the driver)."""
+    _, tensors = load_state_dict(local_checkpoint(url))
+    model.load_state_dict(fit_state_dict(tensors, model.state_dict(), source=url).tensors, strict=False)
 
 
 def disagreements(cfg: PretrainConfig, config: BertConfig, tokenizer: Tokenizer,

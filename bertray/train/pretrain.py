@@ -38,13 +38,13 @@ from bertray.data.position import POSITION_COLUMNS, DataPosition, StreamLayout, 
 from bertray.data.sources import CorpusFile, preflight_layout, resolve_corpus
 from bertray.data.vocabulary import run_tokenizer
 from bertray.errors import ConfigError, CorpusError, TrainingDiverged
-from bertray.model.hf_format import fit_state_dict, load_state_dict, verify_checkpoint
+from bertray.model.hf_format import verify_checkpoint
 from bertray.storage import absolute_url, exists, is_local_url, join_url, ray_storage, write_text
 from bertray.train.console import ConsoleFollower, ConsoleLines, forward_worker_logs
 from bertray.train.checkpoints import (LATEST, RUN_STATE, RunState, check_config_change, checkpoint_step,
-                                       load_run_state, load_training_state, local_checkpoint, resolve_checkpoint,
+                                       load_run_state, load_training_state, resolve_checkpoint,
                                        save_training_checkpoint, set_rng_state)
-from bertray.train.init_from import StartingCheckpoint, starting_checkpoint
+from bertray.train.init_from import StartingCheckpoint, load_starting_weights, starting_checkpoint
 from bertray.train.lease import RunLease
 from bertray.train.curves import BASELINES, HISTORY, write_run_curves
 from bertray.train.batches import HostBatch, pretraining_batch
@@ -149,9 +149,8 @@ def _build_model(plan: WorkerPlan, checkpoint: ray.train.Checkpoint | None):
             return (BertForPreTraining.from_pretrained(directory), load_run_state(directory),
                     load_training_state(directory))
     model = BertForPreTraining(BertConfig.from_dict(plan.bert_config))
-    if plan.init_from:    # the driver checked that it fits and said which heads carry over
-        _, tensors = load_state_dict(local_checkpoint(plan.init_from))
-        model.load_state_dict(fit_state_dict(tensors, model.state_dict(), source=plan.init_from).tensors, strict=False)
+    if plan.init_from:
+        load_starting_weights(model, plan.init_from)
     return model, None, None
 
 
