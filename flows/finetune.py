@@ -6,6 +6,17 @@
     python flows/finetune.py --init-from runs/pretrain-embedded --tasks glue --data ../shared/data
     python flows/finetune.py --init-from s3://bucket/runs/bert-base --tasks glue,squad1,squad2,swag,conll2003 \\
         --data s3://bucket/benchmarks --output s3://bucket/finetune/bert-base
+    python flows/finetune.py --init-from CK --task-file tasks.yaml [--tasks sst2]    # your own tasks (cards)
+    python flows/finetune.py --init-from CK --train data/train.csv --dev data/dev.csv \\
+        --text-field text --label-field label                                       # one task, by flags
+
+Your own data: a task card (bertray/tasks/card.py; flows/configs/own-task-example.yaml) names the
+files (local, s3://, gs://; CSV, TSV, JSONL, JSON, Parquet, CoNLL, SQuAD; .gz/.zst), the text and
+label fields and, optionally, the type (else inferred from the labels), labels, metrics and grid.
+Every file is read and checked once before Ray starts: missing files or columns, a single class,
+dev/test labels train lacks, or too many bad rows stop the flow with exit code 2; bad rows that
+are few are skipped and named (file:line). With own tasks and no --config, the paper's settings
+apply (each card's grid, else A.3's).
 
 One Ray Tune trial per (checkpoint, task, learning rate, batch size, epochs, seed); each trial takes
 one GPU (or --cpus-per-trial CPUs on a CPU-only cluster) and trials run concurrently across the
@@ -38,11 +49,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "flows" / "configs"
 
 # Short spellings (the paper's words) beside the flags made from FinetuneConfig (--field-name).
-ALIASES = {"labels": ("--label",), "learning_rates": ("--lr",), "batch_sizes": ("--batch-size",), "seeds": ("--seed",)}
+ALIASES = {"labels": ("--label",), "learning_rates": ("--lr",), "batch_sizes": ("--batch-size",), "seeds": ("--seed",),
+           "task_files": ("--task-file",)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bertray.cli import add_config_options
+    from bertray.tasks.card import TYPES
     from bertray.tune.sweep import FinetuneConfig
 
     parser = argparse.ArgumentParser(
@@ -60,8 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="not even the trial lines: the results table only")
     parser.add_argument("--restarts", type=int, metavar="N", help="random restarts of every grid point: seeds 0..N-1 "
                                                                   "(instead of naming them with --seeds)")
-    add_config_options(parser, FinetuneConfig, aliases=ALIASES, hidden=("fail_trials",))
+    own = parser.add_argument_group("one task of your own, by flags (or --task-file for task cards)")
+    own.add_argument("--train", metavar="URL", help="training file: local path or s3://, gs://, ... URL; CSV, TSV, "
+                                                   "JSONL, JSON or Parquet, plain or .gz/.zst")
+    own.add_argument("--dev", metavar="URL", help="dev file (default: a seeded 10%% of --train, stratified)")
+    own.add_argument("--test", metavar="URL", help="test file, labelled or not: predictions are written for it")
+    own.add_argument("--text-field", action="append", default=[], metavar="F",
+                     help="the text field; give it twice for sentence pairs")
+    own.add_argument("--label-field", metavar="L", help="the label field")
+    own.add_argument("--task-type", choices=TYPES, help="default: inferred from the label field (printed)")
+    own.add_argument("--task-name", metavar="N", help="the task's name in the results (default: own_task)")
+    add_config_options(parser, FinetuneConfig, aliases=ALIASES, hidden=("fail_trials", "own_tasks"))
     return parser
+
+
+def card_from_args(args: argparse.Namespace):
+    """The task card of the single-task flags; None when --train is not given."""
+    from bertray.errors import ConfigError
+    from bertray.tasks.card import card_from_flags
+
+    given = [flag for flag, value in (("--dev", args.dev), ("--test", args.test), ("--text-field", args.text_field),
+                                      ("--label-field", args.label_field), ("--task-type", args.task_type),
+                                      ("--task-name", args.task_name)) if value]
+    if args.train is None:
+        if given:
+            raise ConfigError(f"{', '.join(given)}: these describe a task of your own; give its --train file too")
+        return None
+    return card_from_flags(train=args.train, dev=args.dev, test=args.test, text_fields=args.text_field,
+                           label_field=args.label_field, task_type=args.task_type, task_name=args.task_name)
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -90,30 +129,40 @@ def main(argv=None) -> int:
 
     try:
         overrides = overrides_from(args)
-        config = args.config or str(CONFIGS / ("finetune-paper.yaml" if "data" in overrides
+        card = card_from_args(args)
+        if card is not None:
+            overrides["own_tasks"] = [card]
+        own = bool(card or overrides.get("task_files"))
+        if own and "tasks" not in overrides:          # your own tasks alone, unless --tasks adds built-in ones
+            overrides["tasks"] = ""
+        config = args.config or str(CONFIGS / ("finetune-paper.yaml" if "data" in overrides or own
                                                else "finetune-embedded.yaml"))
         cfg = load_config(FinetuneConfig, config, overrides)
-        cfg = dataclasses.replace(cfg, data=repo_path(cfg.data), init_from=tuple(map(repo_path, cfg.init_from)))
+        cfg = dataclasses.replace(cfg, data=repo_path(cfg.data), init_from=tuple(map(repo_path, cfg.init_from)),
+                                  task_files=tuple(map(repo_path, cfg.task_files)))
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from bertray.tasks.registry import resolve_tasks
-    from bertray.tune.sweep import check_data, resolve_rows, run_sweep
+    from bertray.tune.sweep import prepare_tasks, resolve_rows, run_sweep
 
-    try:                                          # fail before starting Ray when an input is missing
+    try:                                          # fail before starting Ray when an input is missing or bad
         rows = resolve_rows(cfg)
-        check_data(resolve_tasks(cfg.tasks), cfg.data)
+        specs, lines = prepare_tasks(cfg)
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for line in lines:                            # your own tasks: inferred types, bad rows, held-out dev, leaks
+        print(line, flush=True)
     started = time.perf_counter()
     start_ray(args.address, args.num_cpus, quiet=not args.verbose)
-    print(f"bertray fine-tuning: {', '.join(r.label for r in rows)} on {cfg.tasks} from {cfg.data} "
-          f"(config {config}) -> {cfg.output}\n{ray_logs_line(args.address)}", flush=True)
+    builtin = [s.name for s in specs if s.source is None]
+    print(f"bertray fine-tuning: {', '.join(r.label for r in rows)} on {', '.join(s.name for s in specs)}"
+          f"{f' (built-in tasks from {cfg.data})' if builtin else ''} (config {config}) -> {cfg.output}\n"
+          f"{ray_logs_line(args.address)}", flush=True)
     try:
         sweep = run_sweep(cfg, verbose=1 if args.verbose else 0,
-                          trial_lines=not (args.quiet or args.verbose))
+                          trial_lines=not (args.quiet or args.verbose), specs=specs)
     except BertrayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

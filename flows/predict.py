@@ -6,14 +6,24 @@
     python flows/predict.py --model runs/finetune/latest/models/<row>/mrpc --input pairs.tsv \\
         --text-field '#1 String' --pair-field '#2 String' --output runs/predict/mrpc
     python flows/predict.py --model runs/finetune/latest/models/<row>/squad1 --input questions.parquet --output runs/predict/qa
+    python flows/predict.py --model runs/finetune/latest/models/<row>/conll2003 --input news.jsonl --output runs/predict/ner
 
 Inputs: text (one per line), TSV with a header, JSONL or Parquet, at any fsspec URL (local,
 s3://, gs://; credentials from the environment, never in the URL); a folder or glob means every
 file in it. Output: one Parquet shard per input file (or per run of row groups of a Parquet file)
-with columns id (the input's --id-field, else <file>:<line>), prediction (the label name, the
-answer text, or the regression value), score (the label's probability, the value, or the
-answer's confidence) and, with --embeddings, embedding; plus _summary.json (rows, skipped rows
-named as <file>:<line>, timing). Re-running the same command after a crash finishes the job:
+with column id (the input's --id-field, else <file>:<line>), the columns of the model's kind
+(read from its config.json) and, with --embeddings, embedding; plus _summary.json (rows, skipped
+rows named as <file>:<line>, timing). The kind's columns:
+  classification, regression, question answering: prediction (the label name, the value, or the
+    answer text) and score (the label's probability, the value, or the answer's confidence);
+  multilabel (problem_type multi_label_classification): labels (those whose sigmoid score is over
+    the config's threshold, default 0.5, highest first) and scores (every label's, a struct);
+  token classification (NER): entities, a list of {entity_group, score, word, start, end} with
+    start/end character offsets into the text, grouped as transformers' token-classification
+    pipeline with aggregation_strategy="simple"; texts over --max-seq-len tokens (default 128) are
+    tagged window by window to their end.
+Multiple-choice models are refused: they have no one-input format.
+Re-running the same command after a crash finishes the job:
 finished shards are kept, the rest are computed again; no row is written twice or lost.
 Inside `ray job submit` the script joins the job's cluster; otherwise it starts a local Ray.
 """

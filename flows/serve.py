@@ -5,7 +5,13 @@
     python flows/serve.py --model s3://bucket/models/sst2 --replicas 1 4 --host 0.0.0.0 --port 8080
 
 POST /predict takes {"texts": [...]}, {"pairs": [[a, b], ...]} or {"question": ..., "context": ...}
-and answers {"predictions": [{"label", "score", "scores"}], "model"}; GET /healthz; GET /stats
+and answers {"predictions": [...], "model"}, one prediction per input, shaped by the model's kind
+(read from its config.json): {"label", "score", "scores"} for classification, regression and
+question answering; {"labels", "scores"} for multilabel (the labels over the config's threshold,
+highest first, and every label's sigmoid score); {"entities": [{"entity_group", "score", "word",
+"start", "end"}]} for token classification (character offsets into the text, grouped as
+transformers' token-classification pipeline with aggregation_strategy="simple"; texts only).
+Multiple-choice models are refused at start-up. GET /healthz; GET /stats
 (batch sizes seen); GET /docs and /openapi.json describe it. Requests that arrive together are
 batched into one forward pass (--max-batch-size, --batch-wait-timeout-s; --no-batching to turn
 it off). --replicas N runs N replicas, --replicas MIN MAX autoscales between them. The service

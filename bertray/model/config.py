@@ -35,6 +35,7 @@ _HF_METADATA_KEYS = frozenset({
     "return_dict", "torchscript", "chunk_size_feed_forward", "num_labels", "directionality",
     "pooler_fc_size", "pooler_num_attention_heads", "pooler_num_fc_layers", "pooler_size_per_head",
     "pooler_type", "id2label_", "task_specific_params", "tokenizer_class", "bertray",
+    "threshold",                  # a multi-label head's decision threshold (bertray's fine-tuning export)
 })
 
 

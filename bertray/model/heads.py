@@ -215,13 +215,17 @@ class BertForSequenceClassification(_LinearHead):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 packing: TokenPacking | bool | None = None) -> TaskOutput:
-        """`labels`: (B,) class ids, or floats when `config.num_labels == 1` (mean squared error)."""
+        """`labels`: (B,) class ids; floats when `config.num_labels == 1` (mean squared error); or
+        (B, num_labels) 0/1 floats, one column per label (multi-label: a sigmoid per label, binary
+        cross-entropy), the rule transformers applies when `problem_type` is not set."""
         pooled = self.bert(input_ids, token_type_ids, attention_mask, packing=packing).pooler_output
         logits = self.classifier(self.dropout(pooled))                       # (B, num_labels)
         loss = None
         if labels is not None:
             if self.config.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            elif labels.is_floating_point():
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
             else:
                 loss = F.cross_entropy(logits, labels.long())
         return TaskOutput(loss=loss, logits=logits)

@@ -4,7 +4,9 @@ Inputs of one call are tokenized together, sorted by length and cut into batches
 so a batch is padded to at most a few tokens past its shortest member; whatever padding remains
 is skipped by the encoder's packed path (`attention_inputs` decides per batch: no mask at all
 when every position is real, packing when enough are padding). Results come back in input order.
-Batch prediction (`bertray.predict.job`) and the HTTP service (`bertray.serve`) both call this.
+Batch prediction (`bertray.predict.job`) and the HTTP service (`bertray.serve`) both call this,
+through the kind of model they hold (`bertray.predict.kinds`); token tagging builds on
+`forward_sorted` in `bertray.predict.tagging`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from bertray.errors import ConfigError
+from bertray.predict.entities import Entity
 from bertray.predict.model import LoadedModel
 from bertray.train.batches import attention_inputs, to_device
 from bertray.train.step import autocast
@@ -34,12 +37,17 @@ class Predictions:
     (regression) or the answer text (question answering). `score`: the probability of that label;
     the number itself for regression; for an answer, sigmoid(best span score - no-answer score),
     the model's confidence that the span beats answering nothing. `probabilities`: (N, labels),
-    classification only. `embedding`: (N, H) float32 when asked for."""
+    the softmax (classification) or every label's sigmoid (multilabel). `embedding`: (N, H)
+    float32 when asked for. Multilabel and token models leave `prediction` and `score` empty and
+    fill `labels` (the labels whose sigmoid is over the threshold, highest first) or `entities`
+    (each text's entities, `bertray.predict.entities`)."""
 
     prediction: list[str]
     score: np.ndarray
     probabilities: np.ndarray | None = None
     embedding: np.ndarray | None = None
+    labels: list[list[str]] | None = None
+    entities: list[list[Entity]] | None = None
 
 
 def encode(loaded: LoadedModel, first: Sequence[str], second: Sequence[str] | None = None
@@ -68,10 +76,11 @@ def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 def forward_sorted(loaded: LoadedModel, ids: Sequence[np.ndarray], types: Sequence[np.ndarray], *,
                    batch_size: int = 64, embeddings: str | None = None, width: int | None = None,
                    batch_sizes: list[int] | None = None) -> dict[str, np.ndarray]:
-    """Raw model outputs in input order: `logits` (N, labels), or `start_logits`/`end_logits`
-    (N, width) with -1e4 past each sequence; `embedding` (N, H) with `embeddings` = "cls" (the
-    final [CLS] hidden state) or "mean" (the mean over real tokens). `batch_sizes`, when given,
-    receives the size of every batch the model ran."""
+    """Raw model outputs in input order: `logits` (N, labels) of a sequence head, (N, width,
+    labels) of a token head (zeros past each sequence), or `start_logits`/`end_logits` (N, width)
+    with -1e4 past each sequence; `embedding` (N, H) with `embeddings` = "cls" (the final [CLS]
+    hidden state) or "mean" (the mean over real tokens). `batch_sizes`, when given, receives the
+    size of every batch the model ran."""
     if embeddings is not None and embeddings not in EMBEDDINGS:
         raise ConfigError(f"embeddings: {embeddings!r} is not one of {', '.join(EMBEDDINGS)} (or none)")
     n = len(ids)
@@ -107,6 +116,10 @@ def forward_sorted(loaded: LoadedModel, ids: Sequence[np.ndarray], types: Sequen
             if span:
                 out["start_logits"][index, :longest] = result.start_logits.float().cpu().numpy()
                 out["end_logits"][index, :longest] = result.end_logits.float().cpu().numpy()
+            elif result.logits.dim() == 3:            # a token head: one row of logits per token
+                logits = result.logits.float().cpu().numpy()
+                out.setdefault("logits", np.zeros((n, width, logits.shape[-1]), dtype=np.float32))[index, :longest] \
+                    = logits
             else:
                 logits = result.logits.float().cpu().numpy()
                 out.setdefault("logits", np.zeros((n, logits.shape[1]), dtype=np.float32))[index] = logits
@@ -125,27 +138,56 @@ def forward_sorted(loaded: LoadedModel, ids: Sequence[np.ndarray], types: Sequen
     return out
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (the last axis); empty in, empty out."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.size == 0:
+        return logits
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
+def sequence_logits(loaded: LoadedModel, first: Sequence[str], second: Sequence[str] | None, *,
+                    expected: tuple[str, ...], batch_size: int = 64, embeddings: str | None = None,
+                    batch_sizes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, outputs) float64 logits of a sequence head over texts or pairs, and the embeddings
+    when asked for; `expected`: the kinds the caller reads."""
+    if loaded.kind not in expected:
+        raise ConfigError(f"{loaded.path} is a {loaded.spec.what} model: give it {loaded.spec.inputs_text}")
+    ids, types = encode(loaded, first, second)
+    if not ids:
+        return (np.zeros((0, loaded.model.config.num_labels)),
+                np.zeros((0, loaded.hidden_size), np.float32) if embeddings else None)
+    out = forward_sorted(loaded, ids, types, batch_size=batch_size, embeddings=embeddings, batch_sizes=batch_sizes)
+    return out["logits"].astype(np.float64), out.get("embedding")
+
+
 def classify(loaded: LoadedModel, first: Sequence[str], second: Sequence[str] | None = None, *,
              batch_size: int = 64, embeddings: str | None = None,
              batch_sizes: list[int] | None = None) -> Predictions:
     """Labels (or regression values) of texts or of (first, second) pairs."""
-    if loaded.kind not in ("classification", "regression"):
-        raise ConfigError(f"{loaded.path} is a question-answering model: give it questions and contexts, "
-                          f"not texts")
-    ids, types = encode(loaded, first, second)
-    if not ids:
-        return Predictions([], np.zeros(0), None if loaded.kind == "regression" else np.zeros((0, len(loaded.labels))),
-                           np.zeros((0, loaded.hidden_size), np.float32) if embeddings else None)
-    out = forward_sorted(loaded, ids, types, batch_size=batch_size, embeddings=embeddings, batch_sizes=batch_sizes)
-    logits = out["logits"].astype(np.float64)
+    logits, embedding = sequence_logits(loaded, first, second, expected=("classification", "regression"),
+                                        batch_size=batch_size, embeddings=embeddings, batch_sizes=batch_sizes)
     if loaded.kind == "regression":
         values = logits[:, 0]
-        return Predictions([f"{v:.4f}" for v in values], values, None, out.get("embedding"))
-    shifted = np.exp(logits - logits.max(1, keepdims=True))
-    probabilities = shifted / shifted.sum(1, keepdims=True)
+        return Predictions([f"{v:.4f}" for v in values], values, None, embedding)
+    probabilities = softmax(logits)
     best = probabilities.argmax(1)
     return Predictions([loaded.labels[i] for i in best], probabilities[np.arange(len(best)), best],
-                       probabilities.astype(np.float32), out.get("embedding"))
+                       probabilities.astype(np.float32), embedding)
+
+
+def classify_multilabel(loaded: LoadedModel, first: Sequence[str], second: Sequence[str] | None = None, *,
+                        batch_size: int = 64, embeddings: str | None = None,
+                        batch_sizes: list[int] | None = None) -> Predictions:
+    """Every label's sigmoid score (`probabilities`) and the labels scored over the model's
+    threshold, highest first (`labels`; none when no label passes), of texts or pairs."""
+    logits, embedding = sequence_logits(loaded, first, second, expected=("multilabel",), batch_size=batch_size,
+                                        embeddings=embeddings, batch_sizes=batch_sizes)
+    scores = 1.0 / (1.0 + np.exp(-logits))
+    chosen = [[loaded.labels[k] for k in np.argsort(-row, kind="stable") if row[k] > loaded.threshold]
+              for row in scores]
+    return Predictions([], np.zeros(0), scores, embedding, labels=chosen)
 
 
 def answer(loaded: LoadedModel, questions: Sequence[str], contexts: Sequence[str], *, batch_size: int = 16,
@@ -155,7 +197,7 @@ def answer(loaded: LoadedModel, questions: Sequence[str], contexts: Sequence[str
     from bertray.tasks.squad import SquadExample, decode_squad, featurize_squad
 
     if loaded.kind != "span":
-        raise ConfigError(f"{loaded.path} is a {loaded.kind} model: give it texts or pairs, "
+        raise ConfigError(f"{loaded.path} is a {loaded.spec.what} model: give it {loaded.spec.inputs_text}, "
                           f"not a question and a context")
     if not questions:
         return Predictions([], np.zeros(0))

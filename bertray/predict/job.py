@@ -25,6 +25,7 @@ from bertray.config import check_no_credentials, doc
 from bertray.errors import ConfigError, check
 from bertray.predict import shards
 from bertray.predict.inputs import INPUT_FORMATS, BadRows, file_format, read_rows
+from bertray.predict.kinds import Kind
 
 log = logging.getLogger("bertray.predict")
 
@@ -51,8 +52,10 @@ class PredictConfig:
     context_field: str = doc("context", "context column, for a question-answering model")
     id_field: str = doc("id", "id column copied to the output; rows without one get <file>:<line>")
     embeddings: Literal["cls", "mean"] | None = doc(None, "also write each input's vector: cls (final [CLS] "
-                                                          "state) or mean (mean over tokens)")
-    max_seq_len: int | None = doc(None, "tokens per input, longer ones truncated (null: 128, 384 for QA)")
+                                                          "state) or mean (mean over tokens); sequence "
+                                                          "classifiers only")
+    max_seq_len: int | None = doc(None, "tokens per input, longer ones truncated (null: 128, 384 for QA); a token "
+                                        "tagger tags longer texts in windows of this many tokens instead")
     batch_size: int = doc(64, "sequences per forward pass (inputs are sorted by length first)")
     chunk_rows: int = doc(2048, "rows read, sorted and predicted together; bounds an actor's memory")
     rows_per_unit: int = doc(100_000, "Parquet inputs are cut into units of about this many rows at row-group "
@@ -81,17 +84,21 @@ class PredictConfig:
         check(self.cpus_per_actor > 0, "cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
 
-    def fields_for(self, kind: str) -> tuple[str, ...]:
+    def fields_for(self, kind: Kind) -> tuple[str, ...]:
         """The input column(s) a model of this kind reads."""
-        if kind == "span":
+        if "question" in kind.inputs:
             return self.question_field, self.context_field
-        return (self.text_field,) if self.pair_field is None else (self.text_field, self.pair_field)
+        if self.pair_field is None:
+            return (self.text_field,)
+        check("pairs" in kind.inputs, "pair_field", f"a {kind.what} model takes single texts, not pairs")
+        return self.text_field, self.pair_field
 
 
-def output_schema(kind: str, hidden_size: int, embeddings: str | None) -> pa.Schema:
-    columns = [("id", pa.string()), ("prediction", pa.string()), ("score", pa.float64())]
+def output_schema(loaded, embeddings: str | None) -> pa.Schema:
+    """`id`, the kind's columns (`bertray.predict.outputs`), then `embedding` when asked for."""
+    columns = [pa.field("id", pa.string()), *loaded.spec.columns(loaded)]
     if embeddings:
-        columns.append(("embedding", pa.list_(pa.float32(), hidden_size)))
+        columns.append(pa.field("embedding", pa.list_(pa.float32(), loaded.hidden_size)))
     return pa.schema(columns)
 
 
@@ -100,13 +107,9 @@ def output_schema(kind: str, hidden_size: int, embeddings: str | None) -> pa.Sch
 
 
 def predict_rows(loaded, cfg: PredictConfig, rows, batch_sizes: list[int] | None = None):
-    from bertray.predict.inference import answer, classify
-
-    texts = list(zip(*(r.texts for r in rows)))
-    if loaded.kind == "span":
-        return answer(loaded, texts[0], texts[1], batch_size=cfg.batch_size, batch_sizes=batch_sizes)
-    return classify(loaded, texts[0], texts[1] if len(texts) > 1 else None, batch_size=cfg.batch_size,
-                    embeddings=cfg.embeddings, batch_sizes=batch_sizes)
+    columns = list(zip(*(r.texts for r in rows)))
+    return loaded.spec.run(loaded, columns, batch_size=cfg.batch_size, embeddings=cfg.embeddings,
+                           batch_sizes=batch_sizes)
 
 
 def predict_unit(loaded, cfg: PredictConfig, unit: shards.Unit, index: int) -> dict[str, Any]:
@@ -114,7 +117,7 @@ def predict_unit(loaded, cfg: PredictConfig, unit: shards.Unit, index: int) -> d
     A file that cannot be read (vanished, unreadable, without the configured columns) gives an
     empty shard whose stats say why; the job goes on."""
     started = time.perf_counter()
-    schema = output_schema(loaded.kind, loaded.hidden_size, cfg.embeddings)
+    schema = output_schema(loaded, cfg.embeddings)
     bad = BadRows()
     error = None
     with shards.ShardWriter(cfg.output, unit.shard, schema) as writer:
@@ -122,7 +125,7 @@ def predict_unit(loaded, cfg: PredictConfig, unit: shards.Unit, index: int) -> d
 
         def flush() -> None:
             out = predict_rows(loaded, cfg, chunk)
-            columns = {"id": [r.id for r in chunk], "prediction": out.prediction, "score": out.score}
+            columns = {"id": [r.id for r in chunk], **loaded.spec.values(loaded, out)}
             if cfg.embeddings:
                 columns["embedding"] = pa.FixedSizeListArray.from_arrays(
                     pa.array(np.ascontiguousarray(out.embedding, dtype=np.float32).reshape(-1)), loaded.hidden_size)
@@ -130,7 +133,7 @@ def predict_unit(loaded, cfg: PredictConfig, unit: shards.Unit, index: int) -> d
             chunk.clear()
 
         try:
-            for row in read_rows(unit.url, cfg.format, cfg.fields_for(loaded.kind), cfg.id_field, bad,
+            for row in read_rows(unit.url, cfg.format, cfg.fields_for(loaded.spec), cfg.id_field, bad,
                                  row_groups=unit.row_groups):
                 chunk.append(row)
                 if len(chunk) >= cfg.chunk_rows:
@@ -204,13 +207,13 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     import ray
 
     from bertray.data.sources import resolve_corpus
-    from bertray.predict.model import read_head
+    from bertray.predict.kinds import read_head
     from bertray.storage import join_url, write_text
     from bertray.train.checkpoints import local_checkpoint
 
     started = time.perf_counter()
-    _, kind, _ = read_head(local_checkpoint(cfg.model, cfg.cache_dir))
-    check(kind != "span" or cfg.embeddings is None, "embeddings", "not available for a question-answering model")
+    kind = read_head(local_checkpoint(cfg.model, cfg.cache_dir)).kind
+    check(kind.embeddings or cfg.embeddings is None, "embeddings", f"not available for a {kind.what} model")
     # Local files by their plain paths: they name rows (<file>:<line>) and shards.
     files = [f.url.removeprefix("file://") for f in resolve_corpus(list(cfg.input))]
     formats = [file_format(url, cfg.format) for url in files]
@@ -249,7 +252,7 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     return summary
 
 
-def preflight(cfg: PredictConfig, kind: str, first_url: str) -> None:
+def preflight(cfg: PredictConfig, kind: Kind, first_url: str) -> None:
     """Read the first rows of the first file on the driver: a wrong column name is a `ConfigError`
     before any actor starts, not an empty output."""
     fields = cfg.fields_for(kind)

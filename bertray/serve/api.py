@@ -3,8 +3,12 @@
 Every malformed request is answered 4xx before it reaches the model: broken JSON, a body that is
 not an object, neither or several of `texts` / `pairs` / `question` + `context`, an empty list,
 more items than `max_items`, a text longer than `max_text_chars`, a value of the wrong type, an
-input the model cannot take (texts for a question-answering model). The answer is
-`{"detail": [{"field": "texts[2]", "message": ...}]}`, without echoing the input back.
+input the model cannot take (texts for a question-answering model, pairs for a token tagger).
+The answer is `{"detail": [{"field": "texts[2]", "message": ...}]}`, without echoing the input back.
+
+An answer's predictions depend on the model's kind (`bertray.predict.outputs`): a label and its
+score (classification, regression, question answering), the labels over the threshold with every
+label's score (multilabel), or the entities of each text (token classification).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
+from bertray.predict.kinds import Kind
 from bertray.serve.settings import ServeSettings
 
 
@@ -41,13 +46,38 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
+    """Classification, regression and question answering."""
+
     label: str = Field(description="the label name; the value as text for regression; the answer text")
     score: float = Field(description="the label's probability; the regression value; the answer's confidence")
     scores: dict[str, float] | None = Field(None, description="every label's probability (classification)")
 
 
+class MultilabelPrediction(BaseModel):
+    """Multilabel classification."""
+
+    labels: list[str] = Field(description="the labels whose sigmoid score is over the model's threshold, "
+                                          "highest first (empty when none is)")
+    scores: dict[str, float] = Field(description="every label's sigmoid score")
+
+
+class Entity(BaseModel):
+    entity_group: str = Field(description="the tag without its B-/I- prefix, e.g. PER")
+    score: float = Field(description="the mean probability of the group's token tags")
+    word: str = Field(description="the group's tokens joined as the tokenizer decodes them")
+    start: int = Field(description="the first character of the entity in the text")
+    end: int = Field(description="one past its last character: text[start:end]")
+
+
+class TokenPrediction(BaseModel):
+    """Token classification (NER): grouped as transformers' token-classification pipeline with
+    aggregation_strategy="simple"."""
+
+    entities: list[Entity] = Field(description="the text's entities, in text order")
+
+
 class PredictResponse(BaseModel):
-    predictions: list[Prediction]
+    predictions: list[Prediction | MultilabelPrediction | TokenPrediction]
     model: str
 
 
@@ -59,20 +89,16 @@ class FieldError(Exception):
         self.field, self.message, self.status = field, message, status
 
 
-def check_request(request: PredictRequest, settings: ServeSettings, kind: str) -> tuple[str, list[tuple[str, ...]]]:
+def check_request(request: PredictRequest, settings: ServeSettings, kind: Kind) -> tuple[str, list[tuple[str, ...]]]:
     """The request's inputs as ("texts" | "pairs" | "question", rows of texts), within the limits
     and of the kind the model takes; `FieldError` naming the field otherwise."""
-    if request.question is not None:
-        inputs, name = [(request.question, request.context)], "question"
-        if kind != "span":
-            raise FieldError("question", f"this is a {kind} model: send texts or pairs")
+    name = "question" if request.question is not None else "texts" if request.texts is not None else "pairs"
+    if name not in kind.inputs:
+        raise FieldError(name, f"this is a {kind.what} model: send {kind.inputs_text}")
+    if name == "question":
         for field, text in (("question", request.question), ("context", request.context)):
             _check_length(field, text, settings)
-        return name, inputs
-    if kind == "span":
-        raise FieldError("texts" if request.texts is not None else "pairs",
-                         "this is a question-answering model: send question and context")
-    name = "texts" if request.texts is not None else "pairs"
+        return name, [(request.question, request.context)]
     items = request.texts if request.texts is not None else request.pairs
     if len(items) > settings.max_items:
         raise FieldError(name, f"at most {settings.max_items} items per request, got {len(items)}", status=413)
@@ -137,7 +163,8 @@ def build_api(service: Any, settings: ServeSettings):
 
     api = FastAPI(title="bertray prediction service",
                   description="Predictions of a fine-tuned BERT model: labels and scores for texts or text pairs, "
-                              "answers for a question and a context.")
+                              "labels over a threshold (multilabel), entities with their character spans "
+                              "(token classification), answers for a question and a context.")
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from ray import serve
 
-from bertray.serve.api import PredictRequest, PredictResponse, Prediction, build_api, check_request
+from bertray.serve.api import PredictRequest, PredictResponse, build_api, check_request
 from bertray.serve.settings import ServeSettings
 
 DEPLOYMENT_NAME = "Predictor"
@@ -70,7 +70,7 @@ class Predictor:
         return build_api(self, self.settings)
 
     async def predict(self, request: PredictRequest) -> PredictResponse:
-        kind, rows = check_request(request, self.settings, self.loaded.kind)
+        kind, rows = check_request(request, self.settings, self.loaded.spec)
         job = Job(kind, rows)
         if self.settings.batching:
             predictions = await self.run_batch(job)
@@ -79,14 +79,14 @@ class Predictor:
         return PredictResponse(predictions=predictions, model=self.settings.model)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def run_batch(self, jobs: list[Job]) -> list[list[Prediction]]:
+    async def run_batch(self, jobs: list[Job]) -> list[list[dict]]:
         return self.compute(jobs)
 
-    def compute(self, jobs: list[Job]) -> list[list[Prediction]]:
-        """Predictions of every job, one inner-loop call per kind of input in the batch."""
-        from bertray.predict.inference import answer, classify
-
-        out: list[list[Prediction] | None] = [None] * len(jobs)
+    def compute(self, jobs: list[Job]) -> list[list[dict]]:
+        """Predictions of every job (the JSON objects of the model's kind, `bertray.predict.outputs`),
+        one inner-loop call per kind of input in the batch."""
+        spec = self.loaded.spec
+        out: list[list[dict] | None] = [None] * len(jobs)
         started = time.perf_counter()
         self.stats.requests += len(jobs)
         self.stats.requests_per_batch[len(jobs)] += 1
@@ -97,31 +97,24 @@ class Predictor:
             rows = [row for i in chosen for row in jobs[i].rows]
             columns = list(zip(*rows))
             sizes: list[int] = []
-            if kind == "question":
-                result = answer(self.loaded, columns[0], columns[1], batch_size=self.settings.forward_batch_size,
-                                batch_sizes=sizes)
-            else:
-                result = classify(self.loaded, columns[0], columns[1] if kind == "pairs" else None,
-                                  batch_size=self.settings.forward_batch_size, batch_sizes=sizes)
+            result = spec.run(self.loaded, columns, batch_size=self.settings.forward_batch_size, batch_sizes=sizes)
+            answers = spec.answers(self.loaded, result)
             for size in sizes:
                 self.stats.sequences_per_forward[size] += 1
             at = 0
             for i in chosen:
                 n = len(jobs[i].rows)
-                out[i] = [self._prediction(result, k) for k in range(at, at + n)]
+                out[i] = answers[at:at + n]
                 at += n
         self.stats.model_seconds += time.perf_counter() - started
         return out
 
-    def _prediction(self, result, k: int) -> Prediction:
-        scores = None
-        if result.probabilities is not None:
-            scores = {label: float(p) for label, p in zip(self.loaded.labels, result.probabilities[k])}
-        return Prediction(label=result.prediction[k], score=float(result.score[k]), scores=scores)
-
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.settings.model, "kind": self.loaded.kind,
-                "labels": list(self.loaded.labels), "batching": self.settings.batching}
+        health = {"status": "ok", "model": self.settings.model, "kind": self.loaded.kind,
+                  "labels": list(self.loaded.labels), "batching": self.settings.batching}
+        if self.loaded.threshold is not None:
+            health["threshold"] = self.loaded.threshold
+        return health
 
     def check_health(self) -> None:
         """Serve's periodic replica check: a replica without its model is restarted."""

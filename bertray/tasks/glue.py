@@ -58,6 +58,7 @@ class GlueFormat:
     skip_malformed: bool = False
 
 
+FEATURIZE_CHUNK = 8192
 _MAX_SKIPPED = 10     # QQP's official files have a handful of broken rows; many more means a wrong file
 _NLI = ("entailment", "not_entailment")
 _BINARY = ("0", "1")
@@ -162,13 +163,23 @@ def _parse_label(path: str, line: int, value: str, labels: tuple[str, ...]) -> s
 # Features
 
 
+def encode_texts(examples: Sequence, tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
+    """`input_ids`, `token_type_ids`, `attention_mask` of examples with `text_a` and `text_b`
+    (None for single sentences), tokenized `FEATURIZE_CHUNK` examples at a time."""
+    pairs = bool(examples) and examples[0].text_b is not None
+    chunks = [examples[i:i + FEATURIZE_CHUNK] for i in range(0, max(1, len(examples)), FEATURIZE_CHUNK)]
+    parts = [encode_pairs(tokenizer, [e.text_a for e in chunk], [e.text_b for e in chunk] if pairs else None,
+                          max_seq_len) for chunk in chunks]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def featurize_glue(examples: Sequence[GlueExample], tokenizer, max_seq_len: int = 128,
                    labels: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Features of a sentence or sentence-pair task. `labels` is the task's label list (empty
-    for regression); test examples (label None) get label -1 / NaN."""
-    features = encode_pairs(tokenizer, [e.text_a for e in examples],
-                            None if not examples or examples[0].text_b is None else [e.text_b for e in examples],
-                            max_seq_len)
+    for regression); test examples (label None) get label -1 / NaN. Examples are tokenized
+    `FEATURIZE_CHUNK` at a time, so a large training file never has all its tokenizer encodings
+    (tokens, offsets: many times the text) alive at once."""
+    features = encode_texts(examples, tokenizer, max_seq_len)
     if labels:
         ids = {label: i for i, label in enumerate(labels)}
         features["labels"] = np.array([-1 if e.label is None else ids[e.label] for e in examples], dtype=np.int64)
@@ -190,23 +201,36 @@ def decode_glue(logits: np.ndarray, labels: Sequence[str] = ()) -> list[str] | l
     return [labels[i] for i in np.argmax(logits, axis=-1)]
 
 
+def positive_label(labels: Sequence[str]) -> str | None:
+    """The class whose F1 a binary task reports: the second label ("1" of GLUE's ("0", "1"); a
+    task card orders its labels to choose it); None with more than two classes."""
+    return labels[1] if len(labels) == 2 else None
+
+
+# name -> (function of gold, predictions and the label list, scale): percent, as the paper's
+# tables, except the mean squared error, which stays in the label's own units.
 _METRICS = {
-    "accuracy": metrics.accuracy,
-    "f1": lambda t, p: metrics.binary_f1(t, p, positive="1"),
-    "mcc": metrics.matthews_corrcoef,
-    "pearson": metrics.pearson,
-    "spearman": metrics.spearman,
+    "accuracy": (lambda t, p, labels: metrics.accuracy(t, p), 100.0),
+    "f1": (lambda t, p, labels: metrics.binary_f1(t, p, positive=positive_label(labels)), 100.0),
+    "macro_f1": (lambda t, p, labels: metrics.macro_f1(t, p), 100.0),
+    "mcc": (lambda t, p, labels: metrics.matthews_corrcoef(t, p), 100.0),
+    "pearson": (lambda t, p, labels: metrics.pearson(t, p), 100.0),
+    "spearman": (lambda t, p, labels: metrics.spearman(t, p), 100.0),
+    "mse": (lambda t, p, labels: metrics.mean_squared_error(t, p), 1.0),
 }
+CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman", "mse")
 
 
 def evaluate_glue(examples: Sequence[GlueExample], logits: np.ndarray, labels: Sequence[str],
                   names: Sequence[str]) -> dict[str, float]:
-    """The metrics `names` (accuracy, f1, mcc, pearson, spearman) in percent, as the paper's tables."""
+    """The metrics `names` (accuracy, f1 of the positive class, macro_f1, mcc; pearson, spearman,
+    mse) in percent as the paper's tables (mse in the label's units)."""
     predictions = decode_glue(logits, labels)
     gold = [e.label for e in examples]
     if any(g is None for g in gold):
         raise ValueError("cannot score a test split: its examples have no labels")
-    return {name: 100.0 * _METRICS[name](gold, predictions) for name in names}
+    return {name: _METRICS[name][1] * _METRICS[name][0](gold, predictions, labels) for name in names}
 
 
 def write_submission(task: str, predictions: Sequence | Mapping, out_dir: str | os.PathLike,

@@ -60,6 +60,36 @@ def matthews_corrcoef(y_true: Sequence, y_pred: Sequence) -> float:
     return float(cov_tp / math.sqrt(cov_tt * cov_pp))
 
 
+def macro_f1(y_true: Sequence, y_pred: Sequence) -> float:
+    """Unweighted mean of the per-class F1 over the classes that occur in either input
+    (scikit-learn's `f1_score(average="macro", zero_division=0)`)."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    classes = np.unique(np.concatenate([y_true, y_pred]))
+    if not len(classes):
+        return 0.0
+    return float(np.mean([binary_f1(y_true, y_pred, positive=c) for c in classes]))
+
+
+def mean_squared_error(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
+    y_true, y_pred = _pair(np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64))
+    return float(np.mean((y_true - y_pred) ** 2)) if len(y_true) else 0.0
+
+
+def multilabel_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Micro F1, macro F1 (over every label column, scikit-learn's `zero_division=0`) and exact
+    match (subset accuracy) of two [N, C] 0/1 indicator matrices."""
+    y_true, y_pred = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    if y_true.shape != y_pred.shape or y_true.ndim != 2:
+        raise ValueError(f"expected two [N, C] indicator matrices, got shapes {y_true.shape} and {y_pred.shape}")
+    tp = (y_true & y_pred).sum(0)
+    fp = (~y_true & y_pred).sum(0)
+    fn = (y_true & ~y_pred).sum(0)
+    micro = 2 * tp.sum() / max(1, 2 * tp.sum() + fp.sum() + fn.sum())
+    per_label = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(1, 2 * tp + fp + fn), 0.0)
+    return {"micro_f1": float(micro), "macro_f1": float(per_label.mean()) if per_label.size else 0.0,
+            "exact_match": float(np.mean(np.all(y_true == y_pred, axis=1))) if len(y_true) else 0.0}
+
+
 def _pair(y_true: Sequence, y_pred: Sequence) -> tuple[np.ndarray, np.ndarray]:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:

@@ -2,8 +2,8 @@
 
 A spec is data: where a task's files live under a `--data` root, its labels, metrics, the
 paper's hyper-parameter grid and the column of the results table. What to *do* with a task
-depends only on its family, so five `Family` entries (classification, regression, span,
-multiple_choice, token) hold everything that differs between families: the task modules'
+depends only on its family, so six `Family` entries (classification, multilabel, regression,
+span, multiple_choice, token) hold everything that differs between families: the task modules'
 functions, the head and its targets and outputs, the prediction files and what an exported
 model says about itself. The fine-tuning loop (`bertray.tune.trainer`) and the export
 (`bertray.tune.export`) read those entries and need nothing task-specific; a new family is one
@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import json
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -41,9 +42,9 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from bertray.errors import ConfigError, TaskDataError
-from bertray.tasks import glue, ner, squad, swag
+from bertray.tasks import baselines, glue, multilabel, ner, own, squad, swag
 
-FamilyName = Literal["classification", "regression", "span", "multiple_choice", "token"]
+FamilyName = Literal["classification", "multilabel", "regression", "span", "multiple_choice", "token"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class TaskSpec:
     test_splits: tuple[str, ...] = ()        # splits whose files carry no labels (GLUE test: submissions)
     allow_no_answer: bool = False            # SQuAD 2.0: the [CLS] span means "no answer"
     feature_based: bool = False              # paper 5.3: frozen encoder, last four layers -> 2-layer BiLSTM
+    source: Any = field(default=None, hash=False)   # your own task: its settled card (bertray.tasks.card);
+                                             # `files` are then the card's URLs and its rows are read
+                                             # by the family's `read_own`
 
     @property
     def metric(self) -> str:
@@ -98,17 +102,24 @@ class TaskSpec:
     def num_labels(self) -> int:
         """Width of the task head: classes or tags; 1 for regression, multiple choice (one score
         per choice) and each of the span head's start/end vectors."""
-        return len(self.labels) if self.family in ("classification", "token") else 1
+        return len(self.labels) if self.family in ("classification", "multilabel", "token") else 1
 
     def path(self, root: str | os.PathLike, split: str) -> str:
+        """The file of `split`: under `root` in the task's standard layout, or, where the table
+        names a URL or an absolute path (your own tasks' files), that file wherever `root` is."""
         if split not in self.files:
             raise ConfigError(f"{self.name}: no split {split!r}; choose one of {', '.join(self.files)}")
-        return f"{os.fspath(root).rstrip('/')}/{posixpath.normpath(f'{self.data_dir}/{self.files[split]}')}"
+        file = self.files[split]
+        if "://" in file or os.path.isabs(file):
+            return file
+        return f"{os.fspath(root).rstrip('/')}/{posixpath.normpath(f'{self.data_dir}/{file}')}"
 
     def read(self, root: str | os.PathLike, split: str) -> tuple[list, dict[str, int]]:
         """Examples of `split` from the standard layout under `root` (local path or fsspec URL)
-        and the counts of what was read and skipped."""
+        and the counts of what was read and skipped; your own task's from its card's files."""
         path = self.path(root, split)
+        if self.source is not None:
+            return self.family_info.read_own(self, path, split)
         try:
             return self.family_info.read(self, path, split)
         except FileNotFoundError:
@@ -147,6 +158,7 @@ class Family:
     # prediction files: (spec, s, outputs, directory, tau) -> paths written, where `s` is an
     # evaluated split (`.split`, `.labelled`, `.examples`, `.features`: trainer.EvalSet).
     read: Callable[[TaskSpec, str, str], tuple[list, dict[str, int]]]
+    read_own: Callable[[TaskSpec, str, str], tuple[list, dict[str, int]]]   # a task card's files (own.py)
     featurize: Callable[..., dict[str, np.ndarray]]
     decode: Callable[..., Any]
     evaluate: Callable[..., dict[str, float]]
@@ -171,6 +183,11 @@ class Family:
     table_metrics: tuple[str, ...]            # a cell's metrics on the first dev split; (): the primary
                                               # metric on every dev split (MNLI m/mm, CoNLL dev/test)
     column_suffix: str                        # after the task's column name in the table header
+    # Did it learn anything? (bertray.tasks.baselines)
+    baseline: baselines.Baseline              # the trivial predictor, scored as the model is
+    gold_and_predicted: Callable[..., tuple[list, list]]   # (spec, examples, features, outputs, **decode
+                                              # options) -> aligned hashable items: distinct predictions,
+                                              # confusion matrices (when they are labels of spec.labels)
 
     def head_name(self, spec: TaskSpec) -> str:
         if not spec.feature_based:
@@ -184,6 +201,11 @@ def _output(outputs: Mapping[str, np.ndarray], key: str, spec: TaskSpec) -> np.n
     if key not in outputs:
         raise ValueError(f"{spec.name} ({spec.family}) needs model output {key!r}; got {', '.join(outputs) or 'none'}")
     return np.asarray(outputs[key])
+
+
+def _no_layout(spec: TaskSpec):
+    raise ConfigError(f"{spec.name}: the {spec.family} family has no standard layout; describe the task in a "
+                      "task card")
 
 
 def _read_glue(spec: TaskSpec, path: str, split: str):
@@ -205,12 +227,28 @@ def _exported_labels(spec: TaskSpec) -> dict[str, Any]:
 
 
 def _write_glue(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
-    """A test split as the benchmark server's submission file (`SST-2.tsv`, `MNLI-m.tsv`, ...)."""
+    """A GLUE test split as the benchmark server's submission file (`SST-2.tsv`, `MNLI-m.tsv`,
+    ...); other splits, and your own tasks' test files, as `<split>_predictions.tsv` (index: the
+    row's line in its file for your own tasks)."""
     predictions = spec.decode(s.examples, s.features, outputs)
-    if not s.labelled:
+    if not s.labelled and spec.source is None:
         return [glue.write_submission(spec.name, predictions, directory, s.split, s.examples)]
     rows = [("index", "prediction", "label")] + [(e.guid, _text(p), _text(e.label))
                                                   for e, p in zip(s.examples, predictions)]
+    if not s.labelled:
+        rows = [row[:2] for row in rows]
+    return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
+
+
+def _write_multilabel(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str,
+                      tau: float | None) -> list[str]:
+    """`<split>_predictions.tsv`: index, the predicted labels and (labelled splits) the gold ones,
+    each as a JSON list."""
+    width = 3 if s.labelled else 2
+    rows = [("index", "prediction", "label")[:width]]
+    for e, p in zip(s.examples, spec.decode(s.examples, s.features, outputs)):
+        rows.append((e.guid, json.dumps(list(p), ensure_ascii=False),
+                     json.dumps(list(e.labels or ()), ensure_ascii=False))[:width])
     return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
 
 
@@ -265,7 +303,7 @@ def _write_tsv(path: str, rows: Sequence[Sequence[str]]) -> str:
 
 # GLUE: classification and regression differ only in their targets and what the head's outputs mean.
 _GLUE = dict(
-    read=_read_glue,
+    read=_read_glue, read_own=own.read_split,
     featurize=lambda spec, ex, tok, n, **o: glue.featurize_glue(ex, tok, n, spec.labels, **o),
     decode=lambda spec, ex, feats, out: glue.decode_glue(_output(out, "logits", spec), spec.labels),
     evaluate=lambda spec, ex, feats, out: glue.evaluate_glue(ex, _output(out, "logits", spec), spec.labels,
@@ -277,6 +315,26 @@ _GLUE = dict(
 )
 
 FAMILIES: dict[str, Family] = {
+    "multilabel": Family(
+        read=lambda spec, path, split: _no_layout(spec), read_own=own.read_split,
+        featurize=lambda spec, ex, tok, n, **o: multilabel.featurize_multilabel(ex, tok, n, spec.labels, **o),
+        decode=lambda spec, ex, feats, out: multilabel.decode_multilabel(_output(out, "logits", spec), spec.labels),
+        evaluate=lambda spec, ex, feats, out: multilabel.evaluate_multilabel(ex, _output(out, "logits", spec),
+                                                                             spec.labels, spec.metrics),
+        write_predictions=_write_multilabel,
+        head="BertForSequenceClassification", feature_based_head=None,
+        config_overrides=_head_labels,
+        target_keys=("labels",), target_dtype="float", targets_per_token=False, output_keys=("logits",),
+        pad_value=None, train_options={},
+        auto_class="AutoModelForSequenceClassification", pipeline_tag="text-classification",
+        description="multi-label sequence classification",
+        export_config=lambda spec: {"problem_type": "multi_label_classification", **_exported_labels(spec),
+                                    "threshold": multilabel.THRESHOLD},
+        table_metrics=(), column_suffix="",
+        baseline=baselines.Baseline(lambda spec: "labels most rows of train carry (majority per label)",
+                                    multilabel.majority_outputs),
+        gold_and_predicted=multilabel.gold_and_predicted,
+    ),
     "classification": Family(
         **_GLUE,
         config_overrides=_head_labels,
@@ -284,6 +342,7 @@ FAMILIES: dict[str, Family] = {
         description="sequence classification",
         export_config=lambda spec: {"problem_type": "single_label_classification", **_exported_labels(spec)},
         table_metrics=(), column_suffix="",
+        baseline=baselines.MAJORITY_CLASS, gold_and_predicted=baselines.labels_gold_and_predicted,
     ),
     "regression": Family(
         **_GLUE,
@@ -292,9 +351,10 @@ FAMILIES: dict[str, Family] = {
         description="sequence regression",
         export_config=lambda spec: {"problem_type": "regression"},
         table_metrics=(), column_suffix="",
+        baseline=baselines.TRAIN_MEAN, gold_and_predicted=baselines.scores_gold_and_predicted,
     ),
     "span": Family(
-        read=lambda spec, path, split: squad.read_squad(path),
+        read=lambda spec, path, split: squad.read_squad(path), read_own=own.read_split,
         featurize=lambda spec, ex, tok, n, **o: squad.featurize_squad(ex, tok, n, **o),
         decode=lambda spec, ex, feats, out, **o: squad.decode_squad(
             ex, feats, _output(out, "start_logits", spec), _output(out, "end_logits", spec),
@@ -312,9 +372,10 @@ FAMILIES: dict[str, Family] = {
         description="extractive question answering",
         export_config=lambda spec: {},
         table_metrics=("exact_match", "f1"), column_suffix="",
+        baseline=baselines.NO_ANSWER_OR_FIRST_TOKEN, gold_and_predicted=baselines.answers_gold_and_predicted,
     ),
     "multiple_choice": Family(
-        read=lambda spec, path, split: swag.read_swag(path),
+        read=lambda spec, path, split: swag.read_swag(path), read_own=own.read_split,
         featurize=lambda spec, ex, tok, n, **o: swag.featurize_swag(ex, tok, n, **o),
         decode=lambda spec, ex, feats, out: swag.decode_swag(_output(out, "logits", spec)),
         evaluate=lambda spec, ex, feats, out: swag.evaluate_swag(ex, _output(out, "logits", spec)),
@@ -327,9 +388,10 @@ FAMILIES: dict[str, Family] = {
         description="multiple choice",
         export_config=lambda spec: {},
         table_metrics=(), column_suffix="",
+        baseline=baselines.MOST_FREQUENT_CHOICE, gold_and_predicted=baselines.labels_gold_and_predicted,
     ),
     "token": Family(
-        read=lambda spec, path, split: ner.read_conll(path, spec.labels),
+        read=lambda spec, path, split: ner.read_conll(path, spec.labels), read_own=own.read_split,
         featurize=lambda spec, ex, tok, n, **o: ner.featurize_ner(ex, tok, n, spec.labels, **o),
         decode=lambda spec, ex, feats, out: ner.decode_ner(ex, feats, _output(out, "logits", spec), spec.labels),
         evaluate=lambda spec, ex, feats, out: ner.evaluate_ner(ex, feats, _output(out, "logits", spec), spec.labels),
@@ -342,6 +404,7 @@ FAMILIES: dict[str, Family] = {
         description="token classification",
         export_config=_exported_labels,
         table_metrics=(), column_suffix=" dev/test",
+        baseline=baselines.NO_ENTITY, gold_and_predicted=baselines.tags_gold_and_predicted,
     ),
 }
 

@@ -34,7 +34,7 @@ class SwagExample:
     guid: str
     context: str
     start: str                      # sent2: the beginning every ending continues
-    endings: tuple[str, str, str, str]
+    endings: tuple[str, ...]        # four in SWAG; a task card's multiple-choice task may have any number
     label: int | None               # None in the unlabelled test file
 
 
@@ -97,18 +97,24 @@ def _json_rows(path: str, f, counts: dict[str, int]):
 
 
 def featurize_swag(examples: Sequence[SwagExample], tokenizer, max_seq_len: int = 128) -> dict[str, np.ndarray]:
-    """`input_ids`, `token_type_ids`, `attention_mask` [N, 4, S]; `labels` [N] (-1 unlabelled)."""
-    firsts = [e.context for e in examples for _ in range(NUM_CHOICES)]
+    """`input_ids`, `token_type_ids`, `attention_mask` [N, C, S] (C = 4 in SWAG; every example of
+    a task has the same number of choices); `labels` [N] (-1 unlabelled)."""
+    choices = len(examples[0].endings) if examples else NUM_CHOICES
+    uneven = next((e.guid for e in examples if len(e.endings) != choices), None)
+    if uneven is not None:
+        raise ValueError(f"example {uneven} has a number of choices other than {choices}, the first example's")
+    firsts = [e.context for e in examples for _ in range(choices)]
     seconds = [f"{e.start} {ending}".strip() for e in examples for ending in e.endings]
     flat = encode_pairs(tokenizer, firsts, seconds, max_seq_len)
-    features = {k: v.reshape(len(examples), NUM_CHOICES, max_seq_len) for k, v in flat.items()}
+    features = {k: v.reshape(len(examples), choices, max_seq_len) for k, v in flat.items()}
     features["labels"] = np.array([-1 if e.label is None else e.label for e in examples], dtype=np.int64)
     features["example_index"] = np.arange(len(examples), dtype=np.int64)
     return features
 
 
 def decode_swag(logits: np.ndarray) -> list[int]:
-    return [int(k) for k in np.argmax(np.asarray(logits).reshape(-1, NUM_CHOICES), axis=-1)]
+    logits = np.asarray(logits)
+    return [int(k) for k in np.argmax(logits.reshape(len(logits), -1), axis=-1)]
 
 
 def evaluate_swag(examples: Sequence[SwagExample], logits: np.ndarray) -> dict[str, float]:

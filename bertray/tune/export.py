@@ -82,6 +82,15 @@ def dev_metrics(spec: TaskSpec, metrics: Mapping[str, Any]) -> list[tuple[str, s
     return out
 
 
+def _data(spec: TaskSpec, trial: Mapping[str, Any]) -> str:
+    """Where the task's data came from: the data root, or your own task's files."""
+    if spec.source is None:
+        return redact_url(str(trial.get("data", "?")))
+    held_out = " (dev: 10% held out of train)" if spec.source.holdout else ""
+    return ", ".join(f"{split} {redact_url(url)}" for split, url in spec.files.items()
+                     if not (held_out and split == "dev")) + held_out
+
+
 def model_card(spec: TaskSpec, trial: Mapping[str, Any], metrics: Mapping[str, Any], *, row: str | None = None,
                trial_id: str | None = None, selection: str | None = None) -> str:
     """The folder's README.md. `trial`: the trial's settings (`TrialConfig` as a mapping);
@@ -113,7 +122,7 @@ def model_card(spec: TaskSpec, trial: Mapping[str, Any], metrics: Mapping[str, A
              f"{trial.get('batch_size')}, epochs {trial.get('epochs')} |",
              f"| seed | {trial.get('seed')} |",
              f"| source checkpoint | {source} |",
-             f"| data | {redact_url(str(trial.get('data', '?')))} ({', '.join(limits)}) |"]
+             f"| data | {_data(spec, trial)} ({', '.join(limits)}) |"]
     if trial_id:
         lines.append(f"| trial | {trial_id} |")
     lines += ["", "## Use", ""]

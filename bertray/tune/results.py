@@ -9,8 +9,19 @@ Layout of `results.md`:
   SWAG (Table 4), CoNLL-2003 (Table 7); rows are the checkpoints, columns the tasks' paper columns
   (MNLI shows matched/mismatched accuracy, QQP and MRPC F1, STS-B Spearman, CoLA Matthews corr.,
   SQuAD EM/F1, CoNLL-2003 dev/test F1) and GLUE's "Average";
-- the winning grid point of every (checkpoint, task) with all its dev metrics;
+- a "trivial baseline" row under each table: what a predictor that learned nothing scores on the
+  same dev examples with the task's own scorer (majority class, mean, no entity, empty answer or
+  first token, most frequent answer index: `bertray.tasks.baselines`), and a "(constant)" flag on
+  every cell whose winner made one and the same prediction for every dev example of a split;
+- tasks outside the paper's tables (your own) in one more table of the same kind;
+- the winning grid point of every (checkpoint, task) with all its dev metrics, its baseline's and
+  how many distinct predictions it made;
+- per-class precision, recall and F1 of the winners of tasks with a closed label set, from their
+  confusion matrices (`confusion.csv`/`.png` beside their predictions; `bertray.tasks.confusion`);
 - every failed trial with its error.
+
+Tables read the metrics the trials reported (`{split}_baseline_{metric}`,
+`{split}_distinct_predictions`); a record without them (an older sweep) shows no baseline or flag.
 """
 
 from __future__ import annotations
@@ -25,11 +36,17 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import fsspec
 
+from bertray.tasks import baselines, confusion
 from bertray.tasks.registry import TASKS, TaskSpec
 
 OK, STOPPED, FAILED = "OK", "STOPPED", "FAILED"
 GRID_KEYS = ("learning_rate", "batch_size", "epochs", "seed")
 POINT_KEYS = GRID_KEYS[:-1]          # a grid point; its seeds are restarts of it
+BASELINE = "baseline"                # metric prefix of the trivial baseline: dev_baseline_accuracy
+DISTINCT = "distinct_predictions"    # {split}_distinct_predictions: 1 is a constant predictor
+BASELINE_ROW = "trivial baseline"
+CONSTANT_FLAG = " (constant)"
+Confusions = Mapping[tuple[str, str], Mapping[str, confusion.Confusion]]   # (row, task) -> split -> matrix
 
 
 @dataclass
@@ -85,12 +102,22 @@ PAPER_TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
 GLUE_AVERAGE_EXCLUDES = ("wnli",)    # the paper's footnote: WNLI is left out of the average
 
 
-def cell_values(spec: TaskSpec, metrics: Mapping[str, Any]) -> list[float | None]:
-    """The numbers a paper column shows for one task: the primary metric of each dev split
-    (MNLI m/mm, CoNLL dev/test), or EM and F1 for SQuAD."""
+def cell_keys(spec: TaskSpec, prefix: str = "") -> list[str]:
+    """The metric keys a paper column shows for one task: the primary metric of each dev split
+    (MNLI m/mm, CoNLL dev/test), or EM and F1 for SQuAD; `prefix` "baseline_": its baseline's."""
     if spec.family_info.table_metrics:
-        return [_number(metrics.get(f"{spec.dev_splits[0]}_{k}")) for k in spec.family_info.table_metrics]
-    return [_number(metrics.get(f"{split}_{spec.metric}")) for split in spec.dev_splits]
+        return [f"{spec.dev_splits[0]}_{prefix}{k}" for k in spec.family_info.table_metrics]
+    return [f"{split}_{prefix}{spec.metric}" for split in spec.dev_splits]
+
+
+def cell_values(spec: TaskSpec, metrics: Mapping[str, Any], prefix: str = "") -> list[float | None]:
+    """The numbers of `cell_keys` in `metrics` (None: missing or not finite)."""
+    return [_number(metrics.get(key)) for key in cell_keys(spec, prefix)]
+
+
+def constant_splits(spec: TaskSpec, metrics: Mapping[str, Any]) -> list[str]:
+    """The dev splits on which a trial predicted one and the same thing for every example."""
+    return [split for split in spec.dev_splits if metrics.get(f"{split}_{DISTINCT}") == 1]
 
 
 def _number(value: Any) -> float | None:
@@ -101,57 +128,133 @@ def _fmt(values: Sequence[float | None]) -> str:
     return "/".join("-" if v is None else f"{v:.1f}" for v in values)
 
 
+def baseline_metrics(records: Iterable[TrialRecord], row: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per task, the metrics of a trial that reported its baseline (`{split}_baseline_{metric}`),
+    preferring `row`'s: every trial of a sweep scores the same baseline on the same examples."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if any(f"_{BASELINE}_" in k for k in r.metrics) and (r.task not in out or r.row == row):
+            out[r.task] = r.metrics
+    return out
+
+
+def _fmt_baseline(spec: TaskSpec, metrics: Mapping[str, Any] | None) -> str:
+    """A baseline cell: "-" when not reported, "n/a" where the metric is undefined for a constant
+    predictor (a correlation: NaN)."""
+    if metrics is None:
+        return "-"
+    cells = []
+    for key in cell_keys(spec, f"{BASELINE}_"):
+        value = metrics.get(key)
+        cells.append("-" if not isinstance(value, (int, float)) else "n/a" if not math.isfinite(value)
+                     else f"{value:.1f}")
+    return "/".join(cells)
+
+
 def column_header(spec: TaskSpec) -> str:
     return spec.column + spec.family_info.column_suffix
 
 
+def _table_groups(tasks: Sequence[str]) -> list[tuple[str, list[str], bool]]:
+    """(title, tasks present, is GLUE) of every table to draw: the paper's, then one for the tasks
+    in none of them (your own tasks), in sweep order."""
+    groups = [(title, [t for t in members if t in tasks], members[0] == "mnli") for title, members in PAPER_TABLES]
+    listed = {t for _, members in PAPER_TABLES for t in members}
+    groups.append(("Other tasks, dev", [t for t in tasks if t not in listed], False))
+    return [g for g in groups if g[1]]
+
+
 def paper_tables(best: Mapping[tuple[str, str], TrialRecord], rows: Sequence[str],
-                 tasks: Sequence[str]) -> str:
-    """Markdown tables in the paper's layout for the tasks that were run."""
+                 tasks: Sequence[str], records: Sequence[TrialRecord] = (),
+                 specs: Mapping[str, TaskSpec] = TASKS) -> str:
+    """Markdown tables in the paper's layout for the tasks that were run, each with the trivial
+    baseline's row when the trials reported it (from `records`) and constant winners flagged."""
     out = []
-    for title, members in PAPER_TABLES:
-        present = [t for t in members if t in tasks]
-        if not present:
-            continue
-        glue = members[0] == "mnli"
-        header = ["checkpoint", *(column_header(TASKS[t]) for t in present)]
+    reference = baseline_metrics(records)
+    for title, present, glue in _table_groups(tasks):
+        header = ["checkpoint", *(column_header(specs[t]) for t in present)]
         averaged = [t for t in present if t not in GLUE_AVERAGE_EXCLUDES]
         with_average = glue and len(averaged) > 1
         if with_average:
             header.append("Average")
         lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        flagged = False
         for row in rows:
             cells, numbers = [row], []
             for task in present:
                 record = best.get((row, task))
-                values = cell_values(TASKS[task], record.metrics) if record else [None]
-                cells.append(_fmt(values))
+                values = cell_values(specs[task], record.metrics) if record else [None]
+                constant = bool(record and constant_splits(specs[task], record.metrics))
+                flagged |= constant
+                cells.append(_fmt(values) + (CONSTANT_FLAG if constant else ""))
                 if task in averaged:
                     numbers.extend(values)
             if with_average:
-                complete = numbers and all(v is not None for v in numbers)
-                cells.append(f"{sum(numbers) / len(numbers):.1f}" if complete else "-")
+                cells.append(_average(numbers))
             lines.append("| " + " | ".join(cells) + " |")
+        with_baseline = any(t in reference for t in present)
+        if with_baseline:
+            cells = [BASELINE_ROW, *(_fmt_baseline(specs[t], reference.get(t)) for t in present)]
+            if with_average:
+                cells.append(_average([v for t in averaged for v in
+                                       (cell_values(specs[t], reference[t], f"{BASELINE}_") if t in reference
+                                        else [None])]))
+            lines.append("| " + " | ".join(cells) + " |")
+        notes = []
         if with_average:
-            lines += ["", f"Average: mean of the numbers shown, MNLI-m and -mm counted separately as in the "
-                          f"paper's Table 1, {', '.join(t.upper() for t in GLUE_AVERAGE_EXCLUDES)} left out."]
-        out.append("\n".join(lines))
+            notes.append(f"Average: mean of the numbers shown, MNLI-m and -mm counted separately as in the "
+                         f"paper's Table 1, {', '.join(t.upper() for t in GLUE_AVERAGE_EXCLUDES)} left out.")
+        if with_baseline:
+            notes.append(_baseline_note([specs[t] for t in present if t in reference]))
+        if flagged:
+            notes.append(f"{CONSTANT_FLAG.strip()}: the winner predicted one and the same thing for every example "
+                         "of a dev split (one class, tag or answer): it learned nothing, whatever its score; "
+                         "compare it with the trivial baseline.")
+        out.append("\n".join(lines + ["", *notes] if notes else lines))
     return "\n\n".join(out)
 
 
-def _metric_summary(spec: TaskSpec, metrics: Mapping[str, Any]) -> str:
-    """All dev metrics of a trial, `dev accuracy 91.2, ...` (breakdowns by entity type left out)."""
+def _average(numbers: Sequence[float | None]) -> str:
+    complete = numbers and all(v is not None for v in numbers)
+    return f"{sum(numbers) / len(numbers):.1f}" if complete else "-"
+
+
+def _baseline_note(specs: Sequence[TaskSpec]) -> str:
+    """What the baseline row predicts, task by task (grouped when the same), e.g. "SST-2, MRPC:
+    majority class of train"."""
+    groups: dict[str, list[str]] = {}
+    for spec in specs:
+        groups.setdefault(baselines.describe(spec), []).append(spec.column)
+    return ("Trivial baseline: what a predictor that learned nothing scores on the same dev examples with the "
+            "task's own scorer; " + "; ".join(f"{', '.join(cols)}: {what}" for what, cols in groups.items()) + ".")
+
+
+def _metric_summary(spec: TaskSpec, metrics: Mapping[str, Any], prefix: str = "") -> str:
+    """All dev metrics of a trial, `dev accuracy 91.2, ...` (breakdowns by entity type left out);
+    `prefix` "baseline_": its baseline's (an undefined one as n/a)."""
     parts = []
     for split in spec.dev_splits:
         for name in spec.metrics:
-            value = _number(metrics.get(f"{split}_{name}"))
-            if value is not None:
-                parts.append(f"{split} {name} {value:.2f}")
+            value = metrics.get(f"{split}_{prefix}{name}")
+            if isinstance(value, (int, float)):
+                parts.append(f"{split} {name} {value:.2f}" if math.isfinite(value) else f"{split} {name} n/a")
     return ", ".join(parts)
 
 
-def winners_table(best: Mapping[tuple[str, str], TrialRecord], records: Sequence[TrialRecord]) -> str:
-    header = ["checkpoint", "task", "lr", "batch", "epochs", "seed", "trials ok/failed", "dev metrics of the winner"]
+def _distinct_summary(spec: TaskSpec, metrics: Mapping[str, Any]) -> str:
+    """`dev 2`, or `**dev 1: constant**` for a split with one prediction for everything."""
+    parts = []
+    for split in spec.dev_splits:
+        value = metrics.get(f"{split}_{DISTINCT}")
+        if isinstance(value, (int, float)):
+            parts.append(f"**{split} 1: constant**" if value == 1 else f"{split} {int(value)}")
+    return ", ".join(parts) or "-"
+
+
+def winners_table(best: Mapping[tuple[str, str], TrialRecord], records: Sequence[TrialRecord],
+                  specs: Mapping[str, TaskSpec] = TASKS) -> str:
+    header = ["checkpoint", "task", "lr", "batch", "epochs", "seed", "trials ok/failed", "dev metrics of the winner",
+              "trivial baseline, same dev examples", "distinct dev predictions"]
     lines = ["### Winning grid points (selected on " + "the first dev split's primary metric)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     counts: dict[tuple[str, str], list[int]] = {}
@@ -161,11 +264,28 @@ def winners_table(best: Mapping[tuple[str, str], TrialRecord], records: Sequence
     for (row, task), (ok, failed) in counts.items():
         record = best.get((row, task))
         if record is None:
-            lines.append(f"| {row} | {task} | - | - | - | - | {ok}/{failed} | no trial finished |")
+            lines.append(f"| {row} | {task} | - | - | - | - | {ok}/{failed} | no trial finished | - | - |")
             continue
-        c = record.config
+        c, spec = record.config, specs[task]
         lines.append(f"| {row} | {task} | {c['learning_rate']:g} | {c['batch_size']} | {c['epochs']} | "
-                     f"{c['seed']} | {ok}/{failed} | {_metric_summary(TASKS[task], record.metrics)} |")
+                     f"{c['seed']} | {ok}/{failed} | {_metric_summary(spec, record.metrics)} | "
+                     f"{_metric_summary(spec, record.metrics, f'{BASELINE}_') or '-'} | "
+                     f"{_distinct_summary(spec, record.metrics)} |")
+    return "\n".join(lines)
+
+
+def class_tables(confusions: Confusions) -> str:
+    """Per-class precision, recall and F1 (percent) of each winner on each dev split, with the
+    class's gold count and how often it was predicted; a class never predicted stands out."""
+    if not confusions:
+        return ""
+    lines = ["### Per-class scores of the winners (from confusion.csv / confusion.png beside their predictions)"]
+    for (row, task), splits in confusions.items():
+        for split, matrix in splits.items():
+            lines += ["", f"{row} / {task}, {split} ({matrix.total:,} items):", "",
+                      "| class | precision | recall | F1 | support | predicted |", "|---|---|---|---|---|---|"]
+            lines += [f"| {_escape(s.label)} | {s.precision:.1f} | {s.recall:.1f} | {s.f1:.1f} | {s.support} | "
+                      f"{s.predicted} |" for s in confusion.per_class(matrix)]
     return "\n".join(lines)
 
 
@@ -221,12 +341,16 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")[:300]
 
 
-def markdown(records: Sequence[TrialRecord], *, title: str = "Fine-tuning results", notes: Sequence[str] = ()) -> str:
+def markdown(records: Sequence[TrialRecord], *, title: str = "Fine-tuning results", notes: Sequence[str] = (),
+             confusions: Confusions | None = None, specs: Mapping[str, TaskSpec] = TASKS) -> str:
+    """results.md; `confusions`: the winners' matrices by (row, task) and split (their per-class
+    tables); `specs`: the task specs by name (default: the built-in table)."""
     best = select_best(records)
     rows = list(dict.fromkeys(r.row for r in records))
     tasks = list(dict.fromkeys(r.task for r in records))
-    parts = [f"# {title}", *(n for n in notes if n), paper_tables(best, rows, tasks), winners_table(best, records),
-             seed_means_table(records), failures_table(records)]
+    parts = [f"# {title}", *(n for n in notes if n), paper_tables(best, rows, tasks, records, specs),
+             winners_table(best, records, specs), class_tables(confusions or {}), seed_means_table(records),
+             failures_table(records)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -252,12 +376,18 @@ def to_csv(records: Sequence[TrialRecord]) -> str:
     return buffer.getvalue()
 
 
-def to_json(records: Sequence[TrialRecord], setting: Mapping[str, Any] | None = None) -> str:
+def to_json(records: Sequence[TrialRecord], setting: Mapping[str, Any] | None = None,
+            confusions: Confusions | None = None) -> str:
     best = select_best(records)
+    confusions = confusions or {}
     data = {
         "setting": dict(setting or {}),
         "best": [{"row": row, "task": task, "trial_id": r.trial_id, "config": r.config,
-                  "score": r.score, "metrics": _clean(r.metrics), "model": r.model} for (row, task), r in best.items()],
+                  "score": r.score, "metrics": _clean(r.metrics), "model": r.model,
+                  **({"confusion": {split: {"labels": list(m.labels), "counts": m.counts.tolist()}
+                                    for split, m in confusions[(row, task)].items()}}
+                     if confusions.get((row, task)) else {})}
+                 for (row, task), r in best.items()],
         "seed_means": seed_means(records),
         "trials": [{**asdict(r), "metrics": _clean(r.metrics)} for r in records],
     }
@@ -270,11 +400,12 @@ def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_results(records: Sequence[TrialRecord], output: str, *, setting: Mapping[str, Any] | None = None,
-                  title: str = "Fine-tuning results", notes: Sequence[str] = ()) -> dict[str, str]:
+                  title: str = "Fine-tuning results", notes: Sequence[str] = (),
+                  confusions: Confusions | None = None, specs: Mapping[str, TaskSpec] = TASKS) -> dict[str, str]:
     """Write results.md, results.csv and results.json under `output` (local path or fsspec URL);
-    returns {kind: url}."""
-    text = {"md": markdown(records, title=title, notes=notes), "csv": to_csv(records),
-            "json": to_json(records, setting)}
+    returns {kind: url}. `confusions`, `specs`: as `markdown` takes them."""
+    text = {"md": markdown(records, title=title, notes=notes, confusions=confusions, specs=specs),
+            "csv": to_csv(records), "json": to_json(records, setting, confusions)}
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
     paths = {}

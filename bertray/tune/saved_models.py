@@ -31,10 +31,9 @@ from typing import Any, Literal, Mapping, Sequence, get_args
 import fsspec
 
 from bertray.storage import is_local
-from bertray.tasks.registry import TASKS
 from bertray.tune import export
 from bertray.tune.results import FAILED, TrialRecord, slug
-from bertray.tune.trainer import MODEL_DIR
+from bertray.tune.trainer import MODEL_DIR, trial_spec
 
 log = logging.getLogger("bertray.tune")
 
@@ -114,7 +113,8 @@ def _copy_tree(fs: fsspec.AbstractFileSystem, source: str, target: str, *, skip:
 
 def _write_card(fs: fsspec.AbstractFileSystem, folder: str, record: TrialRecord, settings: Mapping[str, Any],
                 selection: str) -> None:
-    text = export.model_card(TASKS[record.task], settings, record.metrics, row=record.row,
+    spec = trial_spec(record.task, settings.get("card"))       # your own task: its card travels in the settings
+    text = export.model_card(spec, settings, record.metrics, row=record.row,
                              trial_id=record.trial_id, selection=selection)
     with fs.open(posixpath.join(folder, export.CARD_NAME), "w", encoding="utf-8") as f:
         f.write(text)

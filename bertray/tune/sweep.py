@@ -51,7 +51,10 @@ from bertray.config import check_folder_name, check_no_credentials, doc, from_ma
 from bertray.errors import CheckpointError, ConfigError, TaskDataError, check
 from bertray.model.hf_format import verify_checkpoint
 from bertray.storage import absolute_url, is_local_url, join_url, ray_storage, write_text
-from bertray.tasks.registry import TaskSpec, resolve_tasks
+from bertray.tasks import confusion
+from bertray.tasks.card import TaskCard, card_mapping, card_spec, load_cards, unique_names
+from bertray.tasks.checks import check_cards
+from bertray.tasks.registry import TASKS, TaskSpec, resolve_tasks
 from bertray.train.checkpoints import resolve_checkpoint
 from bertray.train.config import Precision
 from bertray.tune import results as tables
@@ -78,7 +81,11 @@ class FinetuneConfig:
     random_init: bool = doc(False, "also fine-tune the first checkpoint's architecture from random weights "
                                    "(a 'random init' row, same grid and seeds)")
     tasks: str = doc("glue", "comma-separated tasks and groups: glue, squad, all, mnli, qqp, qnli, sst2, cola, "
-                             "stsb, mrpc, rte, wnli, squad1, squad2, swag, conll2003, conll2003_feature")
+                             "stsb, mrpc, rte, wnli, squad1, squad2, swag, conll2003, conll2003_feature "
+                             "(empty: only your own tasks)")
+    task_files: tuple[str, ...] = doc((), "YAML task cards: your own tasks (one or more per file; see "
+                                          "bertray/tasks/card.py), run beside `tasks`")
+    own_tasks: tuple[TaskCard, ...] = doc((), "your own tasks as task cards written into this config")
     data: str = doc("samples", "root of the standard task layouts (glue/SST-2/train.tsv, squad/v1.1/..., ...): "
                                "local or object storage")
     learning_rates: tuple[float, ...] = doc((), "learning rates (empty: the task's paper grid)")
@@ -127,7 +134,9 @@ class FinetuneConfig:
             check_no_credentials(key, getattr(self, key))
         check(not self.labels or len(self.labels) == len(self.init_from), "labels",
               f"give one label per init_from entry ({len(self.init_from)}), got {len(self.labels)}")
-        resolve_tasks(self.tasks)
+        if self.tasks.strip() or not (self.task_files or self.own_tasks):
+            resolve_tasks(self.tasks)
+        unique_names(self.own_tasks)
         for key in ("learning_rates", "batch_sizes", "epochs"):
             check(all(v > 0 for v in getattr(self, key)), key, f"values must be > 0, got {getattr(self, key)}")
         check(len(self.seeds) > 0, "seeds", "give at least one seed")
@@ -153,7 +162,7 @@ class FinetuneConfig:
                 except ValueError:
                     raise ConfigError(f"fail_trials: {entry!r} is not TASK or TASK@LR") from None
         # The per-trial settings are validated once here, with the trial's own checks.
-        TrialConfig(task=resolve_tasks(self.tasks)[0].name, init_from=".", data=".", learning_rate=1e-5,
+        TrialConfig(task=next(iter(TASKS)), init_from=".", data=".", learning_rate=1e-5,
                     batch_size=1, epochs=1, **self._trial_settings())
 
     def _trial_settings(self) -> dict[str, Any]:
@@ -229,6 +238,25 @@ def check_data(specs: Sequence[TaskSpec], data: str) -> None:
                             f"only (--data ../shared/data for the real files)")
 
 
+def own_cards(cfg: FinetuneConfig) -> list[TaskCard]:
+    """The config's own tasks: those of its task files, then those written into it."""
+    cards = [card for path in cfg.task_files for card in load_cards(path)] + list(cfg.own_tasks)
+    unique_names(cards)
+    return cards
+
+
+def prepare_tasks(cfg: FinetuneConfig) -> tuple[list[TaskSpec], list[str]]:
+    """Every task of the sweep as a spec, checked once on the driver before any trial starts:
+    the built-in tasks' files under `data` exist; your own tasks' files are read, checked and their
+    cards settled (`bertray.tasks.checks`). Returns the specs and the lines to show the user
+    (inferred types, bad rows, held-out dev splits, leaks, sizes)."""
+    builtin = resolve_tasks(cfg.tasks) if cfg.tasks.strip() else []
+    if builtin:
+        check_data(builtin, absolute_url(cfg.data))
+    settled, lines = check_cards(own_cards(cfg))
+    return [*builtin, *(card_spec(card) for card in settled)], lines
+
+
 def _fails(cfg: FinetuneConfig, task: str, lr: float) -> bool:
     for entry in cfg.fail_trials:
         name, _, value = entry.partition("@")
@@ -248,6 +276,7 @@ def trial_configs(cfg: FinetuneConfig, rows: Sequence[Row], specs: Sequence[Task
                 trial = TrialConfig(task=spec.name, init_from=row.checkpoint, data=data, random_init=row.random_init,
                                     threads=threads, cache_dir=cache_dir, fail=_fails(cfg, spec.name,
                                                                                      point["learning_rate"]),
+                                    card=card_mapping(spec.source) if spec.source is not None else None,
                                     **point, **cfg._trial_settings())
                 out.append({"row": row.label, "trial": dataclasses.asdict(trial)})
     return out
@@ -429,16 +458,20 @@ def _fit(cfg: FinetuneConfig, trials: Sequence[dict[str, Any]], resources: dict[
 
 
 def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tuning results",
-              trial_lines: bool = False) -> SweepResult:
+              trial_lines: bool = False, specs: Sequence[TaskSpec] | None = None) -> SweepResult:
     """Run every trial of `cfg` on the connected Ray cluster (call `ray.init` first) and write the
     results. `verbose`: Tune's own progress tables (0: none); `trial_lines`: print a line per
-    trial start and end."""
+    trial start and end; `specs`: the tasks as `prepare_tasks(cfg)` returned them (None: prepared
+    here, its lines logged)."""
     import ray
 
     started = time.perf_counter()
-    specs = resolve_tasks(cfg.tasks)
+    if specs is None:
+        specs, lines = prepare_tasks(cfg)
+        for line in lines:
+            log.info("%s", line)
+    specs = list(specs)
     rows = resolve_rows(cfg)
-    check_data(specs, absolute_url(cfg.data))
     resources = trial_resources(cfg, ray.cluster_resources())
     output = absolute_url(cfg.output)
     cache_dir = cfg.cache_dir or (os.path.join(output, "cache") if is_local_url(output)
@@ -491,14 +524,22 @@ def run_sweep(cfg: FinetuneConfig, *, verbose: int = 1, title: str = "Fine-tunin
     predictions = _collect_predictions(best, results, sweep_folder, single_row=len(rows) == 1) if cfg.predictions else {}
     for key, folder in predictions.items():
         best[key].predictions = folder
+    # The winners' confusion matrices (trials wrote confusion.csv): drawn beside them, tabled per class
+    first_split = {spec.name: spec.dev_splits[0] for spec in specs}
+    confusions = {(row, task): confusion.draw_folder(folder, first_split[task], f"{row} / {task}")
+                  for (row, task), folder in predictions.items()}
     models = saved_models.keep_models(sweep_folder, cfg.save_models, records, best, checkpoints, settings)
     setting = {**to_mapping(cfg), "rows": [dataclasses.asdict(r) for r in rows], "resources_per_trial": resources,
                "experiment": join_url(sweep_folder, TUNE_DIR)}
     notes = [_setting_note(cfg, rows, specs, resources, len(trials))]
-    files = tables.write_results(records, sweep_folder, setting=setting, title=title, notes=notes)
+    by_name = {spec.name: spec for spec in specs}
+    files = tables.write_results(records, sweep_folder, setting=setting, title=title, notes=notes,
+                                 confusions=confusions, specs=by_name)
     point_latest(output, experiment)
     return SweepResult(records=records, best=best, files=files, predictions=predictions, models=models,
-                       markdown=tables.markdown(records, title=title, notes=notes), folder=sweep_folder,
+                       markdown=tables.markdown(records, title=title, notes=notes, confusions=confusions,
+                                                specs=by_name),
+                       folder=sweep_folder,
                        experiment=join_url(sweep_folder, TUNE_DIR), resources=resources,
                        elapsed_s=time.perf_counter() - started)
 
@@ -568,7 +609,8 @@ def _setting_note(cfg: FinetuneConfig, rows: Sequence[Row], specs: Sequence[Task
                       "not a complete GLUE submission)")
     if cfg.max_seq_len:
         limits.append(f"max_seq_len {cfg.max_seq_len}")
-    return (f"Setting: {n_trials} trials; data {cfg.data}; seeds {list(cfg.seeds)}; grid {grids}"
+    data = cfg.data if any(s.source is None for s in specs) else "the task cards' files"
+    return (f"Setting: {n_trials} trials; data {data}; seeds {list(cfg.seeds)}; grid {grids}"
             + (f"; {', '.join(limits)}" if limits else "")
             + f"; AdamW (weight decay {cfg.weight_decay:g}), warmup {cfg.warmup_proportion:.0%} then linear decay, "
               f"dropout {cfg.dropout}; per trial {resources}. Rows: "

@@ -43,6 +43,7 @@ import torch
 
 from bertray.model.config import BertConfig
 from bertray.errors import TaskDataError, check
+from bertray.tasks import baselines, confusion
 from bertray.tasks.registry import TASKS, TaskSpec
 from bertray.tune import export
 from bertray.train.batches import attention_inputs, to_device
@@ -91,9 +92,14 @@ class TrialConfig:
     save_model: bool = False             # also put the fine-tuned model (Hugging Face layout, bertray.tune.export)
                                          # into the files of the last epoch, under model/
     fail: bool = False                   # fault injection: raise InjectedFault before training
+    card: dict[str, Any] | None = None   # your own task: its settled task card as plain values (None: a
+                                         # task of the built-in table); the trial rebuilds its spec from it
 
     def __post_init__(self) -> None:
-        check(self.task in TASKS, "task", f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        check(self.card is not None or self.task in TASKS, "task",
+              f"unknown task {self.task!r}; choose one of {', '.join(TASKS)} or describe it in a task card")
+        check(self.card is None or self.card.get("name") == self.task, "card",
+              f"the card describes {self.card and self.card.get('name')!r}, not the task {self.task!r}")
         check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
@@ -110,7 +116,16 @@ class TrialConfig:
 
     @property
     def spec(self) -> TaskSpec:
-        return TASKS[self.task]
+        return trial_spec(self.task, self.card)
+
+
+def trial_spec(task: str, card: Mapping[str, Any] | None = None) -> TaskSpec:
+    """The spec of a trial's task: the built-in table's, or the one its task card describes."""
+    if card is None:
+        return TASKS[task]
+    from bertray.tasks.card import card_from_mapping, card_spec
+
+    return card_spec(card_from_mapping(card, f"trial of {task}"))
 
 
 @dataclass
@@ -156,7 +171,7 @@ def load_split(spec: TaskSpec, root: str, split: str, tokenizer, max_seq_len: in
     except FileNotFoundError:
         raise TaskDataError(f"{path}: no such file; {spec.name} expects {spec.data_dir}/"
                             f"{{{','.join(spec.files.values())}}} under the data root {root}") from None
-    key = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, spec.name, split, file_key, max_seq_len, limit,
+    key = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, spec.name, split, file_key, max_seq_len, limit, spec.source,
                                    sorted(options.items()), hashlib.sha1(tokenizer.to_str().encode()).hexdigest()],
                                   default=str).encode()).hexdigest()[:20]
     if key in _MEMORY:
@@ -305,10 +320,13 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
 
     Metrics per epoch: `score` (the task's primary metric on its first dev split; the key Tune
     selects and schedules on), `epoch`, `train_loss`, `step`, `{split}_{metric}` for every dev
-    split, `train_examples_per_s`, `elapsed_s`. `files_dir` (default: a temporary folder) receives
-    the prediction files of the last epoch. SQuAD 2.0 is scored at the no-answer threshold tuned
-    on each dev split for the best F1 (`{split}_tau`, the untuned `{split}_f1_at_0` beside it),
-    and its predictions files are decoded at that same threshold.
+    split, `{split}_baseline_{metric}` (the task's trivial baseline on that split) and
+    `{split}_distinct_predictions` (1: a constant predictor), `train_examples_per_s`, `elapsed_s`.
+    `files_dir` (default: a temporary folder) receives the prediction files of the last epoch,
+    with `confusion.csv` for tasks with a closed label set (`bertray.tasks.confusion`). SQuAD 2.0
+    is scored at the no-answer threshold tuned on each dev split for the best F1 (`{split}_tau`,
+    the untuned `{split}_f1_at_0` beside it), and its predictions files are decoded at that same
+    threshold.
     """
     if cfg.fail:
         raise InjectedFault(f"injected failure for {cfg.task} (lr={cfg.learning_rate:g}, batch={cfg.batch_size}, "
@@ -333,6 +351,11 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
     n_train = len(train["input_ids"])
     if n_train == 0:
         raise TaskDataError(f"{spec.name}: no training features under {cfg.data}")
+    # Did it learn anything? Each dev split's trivial baseline, scored once as the model is
+    # (`{split}_baseline_{metric}`), and per epoch how many distinct predictions the model makes
+    # (`{split}_distinct_predictions`: 1 is a constant predictor); see bertray.tasks.baselines.
+    baseline = {f"{s.split}_baseline_{name}": value for s in eval_sets if s.labelled
+                for name, value in baselines.baseline_scores(spec, train, s.examples, s.features).items()}
 
     torch.manual_seed(cfg.seed)
     model = build_model(spec, checkpoint, random_init=cfg.random_init, dropout=cfg.dropout).to(device)
@@ -373,6 +396,9 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
                 metrics.update(flat_metrics(s.split, scores))
                 if "tau" in scores:        # SQuAD 2.0: the no-answer threshold tuned on this split
                     taus[s.split] = scores["tau"]
+                metrics[f"{s.split}_distinct_predictions"] = baselines.distinct_predictions(
+                    spec, s.examples, s.features, outputs[s.split], **_at_tau(taus, s.split))
+        metrics.update(baseline)
         metrics["score"] = metrics[f"{spec.dev_splits[0]}_{spec.metric}"]
         metrics["train_examples_per_s"] = seen / max(train_time, 1e-9)
         metrics["elapsed_s"] = time.perf_counter() - started
@@ -387,6 +413,11 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
                 for s in eval_sets:    # a test split is decoded with the first dev split's tau
                     write_predictions(spec, s, outputs[s.split], files,
                                       tau=taus.get(s.split, taus.get(spec.dev_splits[0])))
+                for s in (s for s in eval_sets if s.labelled):    # confusion.csv (closed label sets)
+                    matrix = confusion.split_confusion(spec, s.split, s.examples, s.features, outputs[s.split],
+                                                       **_at_tau(taus, s.split))
+                    if matrix is not None:
+                        confusion.write_csv(matrix, files, first=s.split == spec.dev_splits[0])
             if cfg.save_model:
                 folder = export.save_model(model, tokenizer, spec, Path(files) / MODEL_DIR, max_seq_len=max_seq_len)
                 export.write_card(folder, export.model_card(spec, dataclasses.asdict(cfg), metrics))
@@ -396,6 +427,11 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
             report(metrics, files)
     return TrialOutcome(history=history, model=model, elapsed_s=time.perf_counter() - started,
                         train_examples_per_s=seen / max(train_time, 1e-9))
+
+
+def _at_tau(taus: Mapping[str, float], split: str) -> dict[str, float]:
+    """Decode options of a scored split: the no-answer threshold it was scored at, if it has one."""
+    return {"tau": taus[split]} if split in taus else {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,6 +144,36 @@ def test_rerun_after_a_crash_neither_duplicates_nor_loses_rows(ray_cluster, s3_i
         run_prediction(PredictConfig(**{**cfg.__dict__, "fail_units": (), "embeddings": "cls"}))
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_token_model_on_ray_writes_entities(ray_cluster, ner_model, shared_data, tmp_path):
+    """flows/predict.py with the sweep's NER model: one `entities` list per row, equal to the
+    model run directly; a pair column is refused for it (exit code 2, the reason named)."""
+    import pyarrow.parquet as pq
+
+    from bertray.predict.model import load_model
+    from bertray.predict.tagging import tag
+
+    texts = conll_texts(shared_data, 40)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "news.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "text": t, "other": t}) + "\n"
+                                                        for i, t in enumerate(texts)))
+    flow = load_flow()
+    args = ["--model", str(ner_model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "8", "--chunk-rows", "16"]
+    assert flow.main(args + ["--pair-field", "other"]) == 2
+    assert flow.main(args) == 0
+    tables = [pq.read_table(p) for p in sorted((tmp_path / "out").glob("*.parquet"))]
+    assert len(tables) == 1 and tables[0].column_names == ["id", "entities"]
+    rows = {r["id"]: r["entities"] for r in tables[0].to_pylist()}
+    expected = tag(load_model(ner_model, device="cpu"), texts).entities
+    assert sum(map(len, expected)) > 20
+    for i, entities in enumerate(expected):
+        got = rows[f"s{i}"]
+        assert [{**e, "score": 0} for e in got] == [{**e.as_dict(), "score": 0} for e in entities]
+        np.testing.assert_allclose([e["score"] for e in got], [e.score for e in entities], atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # The inner loop and the readers, without Ray
 
@@ -201,12 +231,153 @@ def test_sorted_batches_give_the_same_outputs_as_one_by_one(sst2_model, shared_d
 
 
 def test_models_without_a_prediction_format_are_refused(tmp_path, minilm_dir):
+    """A saved multiple-choice model is refused by predict and serve alike, saying why."""
     from bertray.errors import ConfigError
-    from bertray.model.heads import BertForTokenClassification
-    from bertray.predict.model import read_head
+    from bertray.model.heads import BertForMultipleChoice
+    from bertray.predict.job import PredictConfig, run_prediction
+    from bertray.predict.kinds import read_head
+    from bertray.predict.model import load_model
 
-    BertForTokenClassification.from_pretrained(minilm_dir, id2label={0: "O", 1: "B-PER"}).save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="BertForTokenClassification"):
-        read_head(tmp_path)
+    BertForMultipleChoice.from_pretrained(minilm_dir).save_pretrained(tmp_path)
+    for attempt in (lambda: read_head(tmp_path), lambda: load_model(tmp_path, device="cpu"),
+                    lambda: run_prediction(PredictConfig(model=str(tmp_path), input=("x.txt",), output="out"))):
+        with pytest.raises(ConfigError, match="BertForMultipleChoice is not supported for prediction: "
+                                              "a multiple-choice model"):
+            attempt()
     with pytest.raises(ConfigError, match="pretraining checkpoint|not a fine-tuned head"):
         read_head(minilm_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Token classification (NER) and multilabel models, against transformers' pipelines
+
+
+def conll_texts(shared_data, n: int) -> list[str]:
+    """The first `n` CoNLL-2003 dev sentences, their words joined by spaces (read in place)."""
+    from bertray.tasks import ner
+
+    examples, _ = ner.read_conll(shared_data / "conll2003" / "valid.txt")
+    return [" ".join(e.words) for e in examples[:n]]
+
+
+# Texts beyond CoNLL's tokenized sentences: spacing, accents, a character the vocabulary lacks
+# ([UNK]), a literal special token, an empty text, several sentences in one text.
+ODD_TEXTS = ["Angela Merkel met  Emmanuel Macron in Paris on Tuesday.", "",
+             "Zoë Saldaña visited Köln and São Paulo \u2603 with U.N. officials from Nairobi,Kenya.",
+             "EU rejects German call to boycott British lamb . [SEP] Peter Blackburn of Reuters reported",
+             "   ", "Mr. O'Neill (Chicago Bulls) told ESPN: 'we won!' -- Michael Jordan-like."]
+
+
+def test_token_model_matches_the_transformers_pipeline(ner_model, shared_data):
+    """The sweep's saved NER model: bertray's entities equal `pipeline("token-classification",
+    aggregation_strategy="simple")` on the same folder: groups, tags, words and character
+    offsets exactly, scores to 1e-4."""
+    import transformers
+
+    from bertray.predict.model import load_model
+    from bertray.predict.tagging import tag
+
+    texts = conll_texts(shared_data, 300)
+    texts += ODD_TEXTS + [" ".join(texts[:4])]
+    pipe = transformers.pipeline("token-classification", model=str(ner_model), aggregation_strategy="simple",
+                                 device=-1)
+    theirs = pipe(texts, batch_size=16)
+    loaded = load_model(ner_model, device="cpu")
+    assert loaded.kind == "token" and loaded.labels[0] == "O"
+    ours = tag(loaded, texts, batch_size=32).entities
+    assert sum(map(len, theirs)) > 200                        # the model does tag entities
+    assert len({g["entity_group"] for t in theirs for g in t}) >= 2
+    assert any(" " in g["word"] for t in theirs for g in t)   # groups of several words
+    for text, mine, reference in zip(texts, ours, theirs):
+        assert [(e.entity_group, e.word, e.start, e.end) for e in mine] == \
+            [(g["entity_group"], g["word"], g["start"], g["end"]) for g in reference], text
+        np.testing.assert_allclose([e.score for e in mine], [float(g["score"]) for g in reference], atol=1e-4)
+
+
+def test_long_texts_are_tagged_through_in_windows(ner_model, shared_data):
+    """A text over max_seq_len tokens is tagged to its end, window by window, with offsets into
+    the whole text; a text that fits gets the same entities at any window size."""
+    import re
+
+    from bertray.predict.model import load_model
+    from bertray.predict.tagging import tag
+
+    sentences = conll_texts(shared_data, 60)
+    text = " ".join(sentences)
+    loaded = load_model(ner_model, device="cpu", max_seq_len=64)
+    assert len(loaded.tokenizer.encode(text, add_special_tokens=False).ids) > 10 * 62
+    entities = tag(loaded, [text]).entities[0]
+    squash = lambda s: re.sub(r"[\s#]", "", s).lower()      # noqa: E731
+    assert all(squash(e.word) == squash(text[e.start:e.end]) for e in entities)
+    assert all(a.end <= b.start for a, b in zip(entities, entities[1:]))
+    assert entities[-1].start > len(text) * 0.9              # entities all the way to the end
+    short = sentences[1]
+    assert tag(loaded, [short]).entities == tag(load_model(ner_model, device="cpu"), [short]).entities
+
+
+def test_feature_based_tagger_is_served_as_a_token_model(tmp_path, minilm_dir):
+    """The sweep's other token head (frozen encoder + BiLSTM; no transformers class) predicts
+    entities through the same path; its spans point into the text."""
+    import re
+
+    from bertray import wordpiece
+    from bertray.model.heads import BertFeatureBasedTagger
+    from bertray.predict.model import load_model
+    from bertray.predict.tagging import tag
+
+    import torch
+
+    tags = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC"}
+    torch.manual_seed(0)
+    BertFeatureBasedTagger.from_pretrained(minilm_dir, id2label=tags, lstm_hidden_size=32, num_lstm_layers=1,
+                                           num_feature_layers=2).save_pretrained(tmp_path)
+    wordpiece.save(wordpiece.load(minilm_dir), tmp_path)
+    loaded = load_model(tmp_path, device="cpu")
+    assert loaded.kind == "token" and loaded.labels == tuple(tags.values())
+    texts = ["Angela Merkel met Emmanuel Macron in Paris .", "", "nothing here at all"]
+    entities = tag(loaded, texts).entities
+    assert len(entities) == 3 and entities[1] == [] and sum(map(len, entities)) > 0
+    squash = lambda s: re.sub(r"[\s#]", "", s).lower()      # noqa: E731
+    assert all(squash(e.word) == squash(text[e.start:e.end]) and e.entity_group in ("PER", "LOC")
+               for text, found in zip(texts, entities) for e in found)
+
+
+def test_multilabel_model_matches_the_transformers_pipeline(multilabel_model, shared_data, tmp_path):
+    """Every label's sigmoid score equals `pipeline("text-classification", top_k=None,
+    function_to_apply="sigmoid")`'s; the predicted labels are those over the threshold, highest
+    first. The batch path writes them as `labels` and `scores` columns."""
+    import pyarrow.parquet as pq
+    import transformers
+
+    from bertray.predict import shards
+    from bertray.predict.inference import classify_multilabel
+    from bertray.predict.job import PredictConfig, predict_unit
+    from bertray.predict.model import load_model
+
+    labels = ("sports", "politics", "business", "science")            # the fixture's id2label
+    texts = sst2_sentences(shared_data, 40)
+    loaded = load_model(multilabel_model, device="cpu")
+    assert loaded.kind == "multilabel" and loaded.threshold == 0.5 and loaded.labels == labels
+    ours = classify_multilabel(loaded, texts, batch_size=8)
+    pipe = transformers.pipeline("text-classification", model=str(multilabel_model), top_k=None,
+                                 function_to_apply="sigmoid", device=-1)
+    theirs = [{d["label"]: d["score"] for d in row} for row in pipe(texts, truncation=True, max_length=128)]
+    np.testing.assert_allclose(ours.probabilities, [[row[label] for label in labels] for row in theirs], atol=1e-5)
+    assert ours.labels == [[k for k, v in sorted(row.items(), key=lambda kv: -kv[1]) if v > 0.5] for row in theirs]
+    assert any(0 < len(chosen) < len(labels) for chosen in ours.labels)      # the threshold splits
+    loaded.threshold = 0.0
+    assert all(len(chosen) == 4 for chosen in classify_multilabel(loaded, texts[:3]).labels)
+    loaded.threshold = 0.5
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n"
+                                               for i, t in enumerate(texts[:6])))
+    cfg = PredictConfig(model=str(multilabel_model), input=(str(tmp_path),), output=str(tmp_path / "out"),
+                        embeddings="cls")
+    unit = shards.Unit(str(tmp_path / "in.jsonl"), 0, "in.parquet")
+    assert predict_unit(loaded, cfg, unit, 0)["rows"] == 6
+    table = pq.read_table(tmp_path / "out" / "in.parquet")
+    assert table.column_names == ["id", "labels", "scores", "embedding"]
+    rows = table.to_pylist()
+    assert [r["labels"] for r in rows] == ours.labels[:6]
+    np.testing.assert_allclose([[r["scores"][label] for label in labels] for r in rows], ours.probabilities[:6],
+                               atol=1e-6)

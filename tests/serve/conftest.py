@@ -13,3 +13,5 @@ _spec.loader.exec_module(_fixtures)
 
 sst2_model = _fixtures.sst2_model
 qa_model = _fixtures.qa_model
+ner_model = _fixtures.ner_model
+multilabel_model = _fixtures.multilabel_model

@@ -29,9 +29,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, sst2_model, qa_model):
-    """Two applications on one Serve instance listening on 127.0.0.1: the SST-2 classifier at /
-    (batches of up to 16 requests, 50 ms wait) and the question-answering model at /qa."""
+def service(ray_cluster, sst2_model, qa_model, ner_model, multilabel_model):
+    """Four applications on one Serve instance listening on 127.0.0.1: the SST-2 classifier at /
+    (batches of up to 16 requests, 50 ms wait), the question-answering model at /qa, the NER
+    tagger at /ner and the multilabel classifier at /multilabel."""
     from ray import serve
 
     from bertray.serve.app import Predictor, build_app
@@ -45,16 +46,21 @@ def service(ray_cluster, sst2_model, qa_model):
               name="sst2", route_prefix="/")
     qa = build_app({"model": str(qa_model), "max_text_chars": MAX_CHARS})
     serve.run(qa.options(**small) if hasattr(qa, "options") else qa, name="qa", route_prefix="/qa")
+    smaller = {"ray_actor_options": {"num_cpus": 0.25}}
+    for name, model in (("ner", ner_model), ("multilabel", multilabel_model)):
+        serve.run(Predictor.options(**smaller).bind({"model": str(model), "max_text_chars": MAX_CHARS}),
+                  name=name, route_prefix=f"/{name}")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
-def direct(sst2_model, qa_model):
+def direct(sst2_model, qa_model, ner_model, multilabel_model):
     """The same models loaded in the test process."""
     from bertray.predict.model import load_model
 
-    return {"sst2": load_model(sst2_model, device="cpu"), "qa": load_model(qa_model, device="cpu")}
+    return {name: load_model(model, device="cpu") for name, model in
+            (("sst2", sst2_model), ("qa", qa_model), ("ner", ner_model), ("multilabel", multilabel_model))}
 
 
 def post(url: str, body, **kw) -> requests.Response:
@@ -96,6 +102,44 @@ def test_question_and_context(service, direct):
     assert prediction["label"] == expected.prediction[0]
     assert prediction["label"] in context and prediction["label"]
     assert prediction["score"] == pytest.approx(float(expected.score[0]), abs=1e-5)
+
+
+def test_entities_and_multilabel_answers_match_the_models_run_directly(service, direct):
+    """A token model answers each text's entities (character spans with their tag), a multilabel
+    model the labels over its threshold with every label's score; inputs a model cannot take are
+    422 naming the field."""
+    from bertray.predict.inference import classify_multilabel
+    from bertray.predict.tagging import tag
+
+    texts = ["Angela Merkel met Emmanuel Macron in Paris on Tuesday .", "",
+             "West Indian all-rounder Phil Simmons took four for 38 as Leicestershire beat Somerset ."]
+    got = post(f"{service}/ner/predict", {"texts": texts})
+    assert got.status_code == 200, got.text
+    predictions = got.json()["predictions"]
+    expected = tag(direct["ner"], texts).entities
+    assert [[{**e, "score": 0} for e in p["entities"]] for p in predictions] == \
+        [[{**e.as_dict(), "score": 0} for e in entities] for entities in expected]
+    assert predictions[1] == {"entities": []} and predictions[2]["entities"]
+    np.testing.assert_allclose([e["score"] for p in predictions for e in p["entities"]],
+                               [e.score for entities in expected for e in entities], atol=1e-5)
+    for body, field in (({"pairs": [["a", "b"]]}, "pairs"), ({"question": "who?", "context": "me"}, "question")):
+        refused = post(f"{service}/ner/predict", body)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["field"] == field, refused.text
+        assert "token-classification model: send texts" in refused.json()["detail"][0]["message"]
+    assert requests.get(f"{service}/ner/healthz", timeout=30).json()["kind"] == "token"
+
+    got = post(f"{service}/multilabel/predict", {"texts": TEXTS})
+    assert got.status_code == 200, got.text
+    expected = classify_multilabel(direct["multilabel"], TEXTS)
+    predictions = got.json()["predictions"]
+    assert [p["labels"] for p in predictions] == expected.labels
+    np.testing.assert_allclose([list(p["scores"].values()) for p in predictions], expected.probabilities, atol=1e-5)
+    assert list(predictions[0]["scores"]) == list(direct["multilabel"].labels)
+    assert post(f"{service}/multilabel/predict", {"pairs": [TEXTS[:2]]}).status_code == 200
+    health = requests.get(f"{service}/multilabel/healthz", timeout=30).json()
+    assert health["kind"] == "multilabel" and health["threshold"] == 0.5
+    schema = json.dumps(requests.get(f"{service}/ner/openapi.json", timeout=30).json())
+    assert "TokenPrediction" in schema and "MultilabelPrediction" in schema
 
 
 @pytest.mark.parametrize("body, status, field", [

@@ -148,7 +148,8 @@ def test_head_names_resolve_to_heads_that_take_the_targets_and_give_the_outputs(
         FAMILIES["span"].head_name(dataclasses.replace(TASKS["squad1"], feature_based=True))
 
 
-@pytest.mark.parametrize("path", ["bertray/tune/trainer.py", "bertray/tune/export.py"])
+@pytest.mark.parametrize("path", ["bertray/tune/trainer.py", "bertray/tune/export.py", "bertray/tune/results.py",
+                                  "bertray/tasks/confusion.py"])
 def test_the_trainer_and_the_export_hold_no_family_switch(path):
     text = (REPO / path).read_text(encoding="utf-8")
     assert not re.findall(r"spec\.family\s*(?:==|!=|in\s*[(\[{])", text)

@@ -223,6 +223,21 @@ def test_sweep_over_two_tasks_reports_winners_predictions_and_the_failed_trial(r
     assert (out / "latest" / "predictions" / "sst2" / "dev_predictions.tsv").is_file()
     assert len((out / "latest" / "predictions" / "sst2" / "SST-2.tsv").read_text().splitlines()) == 49
     assert (out / "latest" / "predictions" / "mrpc" / "MRPC.tsv").is_file()
+    # did it learn anything: the trivial baseline's row, constant winners flagged, the winners'
+    # confusion matrices (csv and png beside their predictions) and per-class scores
+    glue = md.splitlines()[md.splitlines().index("| checkpoint | SST-2 | MRPC | Average |") + 2:][:2]
+    baseline = {t: float(next(r for r in rows if r["task"] == t and r["status"] == "OK")[f"dev_baseline_{m}"])
+                for t, m in (("sst2", "accuracy"), ("mrpc", "f1"))}
+    assert glue[1].startswith(f"| trivial baseline | {baseline['sst2']:.1f} | {baseline['mrpc']:.1f} |"), glue
+    for i, task in enumerate(("sst2", "mrpc")):
+        constant = best[task]["metrics"]["dev_distinct_predictions"] == 1
+        assert glue[0].split(" | ")[1 + i].endswith("(constant)") == constant, glue
+        folder = out / "latest" / "predictions" / task
+        counts = [list(map(int, r[1:])) for r in csv.reader(io.StringIO((folder / "confusion.csv").read_text()))][1:]
+        assert sum(map(sum, counts)) == 48 and sum(1 for column in zip(*counts) if sum(column)) \
+            == best[task]["metrics"]["dev_distinct_predictions"]
+        assert (folder / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"tiny / {task}, dev (48 items):" in md
     # Tune retried the failing trial (max_failures=1) before giving up: two recorded failures
     (error_file,) = [p for p in (out / "latest" / "tune").rglob("error.txt")]
     assert error_file.read_text().count("InjectedFault") >= 2

@@ -86,3 +86,78 @@ def test_seed_means_per_grid_point_leave_out_failed_trials():
     text = results.markdown(records)
     assert "| bert | sst2 | 5e-05 | 32 | 3 | 3 | 82.00 | 2.00 | 80.00 | 84.00 |" in text
     assert "Mean over seeds" not in results.markdown(_records())      # one seed per grid point: no table
+
+
+def _learned(row, task, score, distinct, **metrics):
+    return _record(row, task, 5e-5, score, dev_distinct_predictions=distinct, **metrics)
+
+
+def _with_baselines():
+    nan = float("nan")
+    return [
+        _learned("bert", "sst2", 93.5, 2, dev_accuracy=93.5, dev_baseline_accuracy=50.9),
+        _learned("bert", "cola", 0.0, 1, dev_mcc=0.0, dev_baseline_mcc=0.0),
+        _learned("bert", "stsb", 88.0, 1489, dev_spearman=88.0, dev_pearson=88.4, dev_baseline_spearman=nan,
+                 dev_baseline_pearson=nan),
+        _learned("bert", "mrpc", 81.2, 1, dev_f1=81.2, dev_accuracy=68.4, dev_baseline_f1=81.2,
+                 dev_baseline_accuracy=68.4),
+        _learned("bert", "conll2003", 0.0, 1, dev_f1=0.0, test_f1=0.0, test_distinct_predictions=3,
+                 dev_baseline_f1=0.0, test_baseline_f1=0.0),
+        _learned("bert", "squad2", 50.1, 1, dev_f1=50.1, dev_exact_match=50.1, dev_baseline_f1=50.1,
+                 dev_baseline_exact_match=50.1),
+    ]
+
+
+def test_results_give_each_task_its_trivial_baseline_and_flag_constant_winners():
+    text = results.markdown(_with_baselines())
+    lines = text.splitlines()
+    glue = lines.index("| checkpoint | SST-2 | CoLA | STS-B | MRPC | Average |")
+    assert lines[glue + 2] == "| bert | 93.5 | 0.0 (constant) | 88.0 | 81.2 (constant) | 65.7 |"
+    # STS-B's correlations are undefined for a constant: n/a, and so no average
+    assert lines[glue + 3] == "| trivial baseline | 50.9 | 0.0 | n/a | 81.2 | - |"
+    assert ("Trivial baseline: what a predictor that learned nothing scores on the same dev examples with the task's "
+            "own scorer; SST-2, CoLA, MRPC: majority class of train; STS-B: mean of train (correlations undefined: "
+            "n/a).") in lines
+    assert any(line.startswith("(constant): the winner predicted one and the same thing") for line in lines)
+    # a cell over several dev splits is flagged when one of them is constant; SQuAD 2.0's empty answer
+    assert "| bert | 0.0/0.0 (constant) |" in lines and "| trivial baseline | 0.0/0.0 |" in lines
+    assert "| bert | 50.1/50.1 (constant) |" in lines and "| trivial baseline | 50.1/50.1 |" in lines
+    assert "SQuAD2.0 EM/F1: empty answer everywhere." in text and "no entity (every word O)" in text
+    winners = text[text.index("Winning grid points"):]
+    assert ("| bert | mrpc | 5e-05 | 32 | 3 | 0 | 1/0 | dev f1 81.20, dev accuracy 68.40 | dev f1 81.20, "
+            "dev accuracy 68.40 | **dev 1: constant** |") in winners
+    assert "| dev accuracy 93.50 | dev accuracy 50.90 | dev 2 |" in winners
+    assert "| dev spearman n/a, dev pearson n/a | dev 1489 |" in winners
+    assert "| **dev 1: constant**, test 3 |" in winners
+
+
+def test_a_learning_winner_is_not_flagged_and_old_records_show_no_baseline():
+    text = results.markdown([_learned("bert", "sst2", 93.5, 2, dev_accuracy=93.5, dev_baseline_accuracy=50.9)])
+    assert "| bert | 93.5 |" in text and "(constant)" not in text and "| trivial baseline | 50.9 |" in text
+    old = results.markdown(_records())
+    assert "| trivial baseline |" not in old and "(constant)" not in old and "Trivial baseline:" not in old
+
+
+def test_per_class_tables_of_the_winners_and_tasks_outside_the_paper_tables(tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from bertray.tasks import confusion
+    from bertray.tasks.registry import TASKS
+
+    tickets = dataclasses.replace(TASKS["sst2"], name="tickets", column="Tickets", labels=("billing", "bug", "other"))
+    records = [_learned("bert", "tickets", 60.0, 3, dev_accuracy=60.0, dev_baseline_accuracy=40.0)]
+    matrix = confusion.Confusion(tickets.labels, np.array([[3, 1, 0], [1, 2, 1], [0, 1, 1]]))
+    specs = {**TASKS, "tickets": tickets}
+    paths = results.write_results(records, str(tmp_path), confusions={("bert", "tickets"): {"dev": matrix}},
+                                  specs=specs)
+    text = (tmp_path / "results.md").read_text()
+    assert "### Other tasks, dev" in text and "| checkpoint | Tickets |" in text
+    assert "| bert | 60.0 |" in text and "| trivial baseline | 40.0 |" in text
+    assert "bert / tickets, dev (10 items):" in text
+    assert "| billing | 75.0 | 75.0 | 75.0 | 4 | 4 |" in text
+    assert "| other | 50.0 | 50.0 | 50.0 | 2 | 2 |" in text
+    best = json.loads((tmp_path / "results.json").read_text())["best"][0]
+    assert best["confusion"]["dev"] == {"labels": list(tickets.labels), "counts": matrix.counts.tolist()}
+    assert set(paths) == {"md", "csv", "json"}

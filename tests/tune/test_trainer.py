@@ -42,6 +42,17 @@ def test_reports_every_epoch_and_writes_glue_predictions(tiny_checkpoint, sample
     submission = (files / "SST-2.tsv").read_text().splitlines()    # GLUE's test submission file
     assert submission[0] == "index\tprediction" and submission[1].startswith("0\t") and len(submission) == 41
     assert json.loads((files / "metrics.json").read_text())["history"][-1]["epoch"] == 2
+    # Did it learn anything: the majority class of the 48 training examples scored on the same 40
+    # dev examples, the model's distinct predictions, its confusion matrix beside the predictions
+    train_labels = [r[1] for r in csv.reader((samples / "glue/SST-2/train.tsv").open(encoding="utf-8"),
+                                                delimiter="\t", quoting=csv.QUOTE_NONE)][1:49]
+    majority = max(("0", "1"), key=lambda c: (train_labels.count(c), c == "0"))
+    dev_labels = [r[2] for r in rows[1:]]
+    assert all(m["dev_baseline_accuracy"] == pytest.approx(100 * dev_labels.count(majority) / 40) for m, _ in reports)
+    assert last["dev_distinct_predictions"] == len({r[1] for r in rows[1:]})
+    matrix = list(csv.reader((files / "confusion.csv").open(encoding="utf-8")))
+    assert matrix[0] == ["gold\\predicted", "0", "1"] and sum(int(x) for r in matrix[1:] for x in r[1:]) == 40
+    assert [int(matrix[1 + "01".index(r[2])][1 + "01".index(r[1])]) > 0 for r in rows[1:]] == [True] * 40
 
 
 def test_regression_head_has_one_output_and_scores_correlations(tiny_checkpoint, samples, tmp_path):
@@ -70,6 +81,8 @@ def test_every_family_trains_scores_and_writes_predictions(tiny_checkpoint, fami
     assert m["score"] == m[f"{spec.dev_splits[0]}_{spec.metric}"] and 0 <= m["score"] <= 100
     for split in spec.dev_splits:
         assert f"{split}_{spec.metric}" in m
+        assert 0 <= m[f"{split}_baseline_{spec.metric}"] <= 100 and m[f"{split}_distinct_predictions"] >= 1
+    assert (tmp_path / "f" / "confusion.csv").is_file() == bool(spec.labels)      # tags: yes; spans, choices: no
     for name in files:
         assert (tmp_path / "f" / name).stat().st_size > 0, name
     if spec.family == "span":
