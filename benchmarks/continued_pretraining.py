@@ -79,7 +79,7 @@ def start(checkpoint: Path, *, adapted: bool, seed: int = 0) -> BertForPreTraini
 
 
 def mlm_curve(model: torch.nn.Module, batches: Sequence[Batch], held_out: Sequence[Batch], *, lr: float, warmup: int,
-              eval_every: int, seed: int = 0) -> list[tuple[int, float]]:
+              eval_every: int, seed: int = 0, log: bool = False) -> list[tuple[int, float]]:
     """(step, held-out MLM accuracy) every `eval_every` steps and at the end: AdamW without decay on
     LayerNorm and biases, linear warmup then decay, clipping at 1.0, as a pretraining run."""
     torch.manual_seed(seed)
@@ -96,6 +96,8 @@ def mlm_curve(model: torch.nn.Module, batches: Sequence[Batch], held_out: Sequen
         optimizer.zero_grad(set_to_none=True)
         if step % eval_every == 0 or step == len(batches):
             curve.append((step, evaluate(model, bertray_step, held_out)["mlm_accuracy"]))
+            if log:
+                print(f"  step {step}: held-out MLM {curve[-1][1]:.2%}", flush=True)
     return curve
 
 
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                                        ("mismatched vocabulary", True, wrong_batches, wrong_held_out)):
         started = time.perf_counter()
         trained[name] = start(checkpoint, adapted=adapted)
-        curves[name] = mlm_curve(trained[name], train, held, **settings)
+        print(f"{name}:", flush=True)
+        curves[name] = mlm_curve(trained[name], train, held, **settings, log=True)
         seconds[name] = time.perf_counter() - started
         print(f"{name:<22} " + "  ".join(f"{s}: {a:.2%}" for s, a in curves[name]) + f"  ({seconds[name]:.0f} s)",
               flush=True)

@@ -7,7 +7,7 @@ the baselines held-out accuracy must beat), learning rate, throughput and data-w
 
 Each RUN_DIR is a flows/pretrain.py run directory (`<output>/<name>`); its history.json holds every
 logged interval, eval_baselines.json (when present) the baselines. Several runs share the axes, one
-colour per run. Needs matplotlib: pip install 'bertray[plot]'.
+colour per run.
 """
 
 from __future__ import annotations

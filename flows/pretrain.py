@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     for key, value in summary.items():
         if key != "pipeline":
             print(f"  {key:<18} {value:.4f}" if isinstance(value, float) else f"  {key:<18} {value}")
+    for line in learning_lines(summary):
+        print(f"  {line}")
     skipped = {k: v for k, v in result.counters.items() if v and k not in ("files", "lines", "bytes")}
     print("  pipeline          ", ", ".join(f"{k}={v:,}" for k, v in sorted(skipped.items())))
     if args.json:
@@ -130,6 +132,26 @@ def _model(cfg, start, resuming: bool) -> str:
 
     arch = cfg.model.bert_config(cfg.data.vocab_size, is_causal=False)
     return f"{cfg.model.preset or DEFAULT_PRESET} ({arch.num_hidden_layers} layers, {arch.hidden_size} wide, random init)"
+
+
+# What "learned" means on held-out text: NSP this many points over always answering the more common
+# label, MLM this many times always predicting the most frequent masked token.
+NSP_MARGIN, MLM_RATIO = 0.05, 2.0
+
+
+def learning_lines(summary: dict) -> list[str]:
+    """The held-out accuracies against what a model that learned nothing scores, in words."""
+    lines = []
+    nsp, majority = summary.get("eval_nsp_accuracy"), summary.get("eval_nsp_majority")
+    if nsp is not None and majority is not None:
+        verdict = "learned" if nsp >= majority + NSP_MARGIN else f"not learned (needs {majority + NSP_MARGIN:.1%})"
+        lines.append(f"held-out NSP {nsp:.1%} (majority label {majority:.1%}): {verdict}")
+    mlm, frequent = summary.get("eval_mlm_accuracy"), summary.get("eval_mlm_baseline")
+    if mlm is not None and frequent:
+        ratio = mlm / frequent
+        verdict = "learned" if ratio >= MLM_RATIO else f"not learned (needs {MLM_RATIO:g}x)"
+        lines.append(f"held-out MLM {mlm:.1%} (most frequent token {frequent:.1%}, {ratio:.1f}x): {verdict}")
+    return lines
 
 
 def _workers(scaling) -> str:
@@ -168,7 +190,7 @@ def _curves(cfg) -> str:
     from bertray.train.curves import CURVES
 
     url = join_url(absolute_url(cfg.run.output), cfg.run.name, CURVES)
-    return url if exists(url) else "none (pip install 'bertray[plot]' for curves.png)"
+    return url if exists(url) else "none (matplotlib is missing: pip install matplotlib)"
 
 
 if __name__ == "__main__":

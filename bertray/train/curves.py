@@ -1,9 +1,10 @@
 """Learning curves of pretraining runs as one PNG, so a run can be judged from its directory (local
 or object storage) without TensorBoard or a notebook, and several runs (ablations) side by side.
 
-matplotlib is an optional extra (`pip install 'bertray[plot]'`), so it is imported only when drawing,
-and only through the Agg canvas, never pyplot: that works on headless workers and leaves no figures
-behind in a process-wide registry.
+matplotlib is imported only when drawing (workers that never draw do not pay for the import), and
+only through the Agg canvas, never pyplot: that works on headless workers and leaves no figures
+behind in a process-wide registry. It is a core dependency; an environment that lacks it anyway
+gets a warning and no picture, never a failed run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger("bertray.train")
 HISTORY = "history.json"
 BASELINES = "eval_baselines.json"
 CURVES = "curves.png"
-INSTALL_HINT = "pip install 'bertray[plot]'"
+INSTALL_HINT = "pip install matplotlib"
 
 # (title, train key, held-out key, baseline key); a key no interval has is simply not drawn.
 PANELS = (

@@ -220,3 +220,17 @@ def test_flow_errors_are_one_line_and_exit_2(tmp_path, capsys, without_matplotli
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'bertray[plot]'" in err
     assert not (tmp_path / "base" / "curves.png").exists()
+
+
+def test_the_summary_says_in_words_whether_nsp_and_mlm_were_learned():
+    spec = importlib.util.spec_from_file_location("pretrain_flow", REPO / "flows" / "pretrain.py")
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    constant = {"eval_nsp_accuracy": 0.6562, "eval_nsp_majority": 0.6562, "eval_mlm_accuracy": 0.100,
+                "eval_mlm_baseline": 0.061}
+    assert flow.learning_lines(constant) == [
+        "held-out NSP 65.6% (majority label 65.6%): not learned (needs 70.6%)",
+        "held-out MLM 10.0% (most frequent token 6.1%, 1.6x): not learned (needs 2x)"]
+    learned = {**constant, "eval_nsp_accuracy": 0.710, "eval_mlm_accuracy": 0.130}
+    assert [line.rsplit(": ", 1)[1] for line in flow.learning_lines(learned)] == ["learned", "learned"]
+    assert flow.learning_lines({"eval_mlm_accuracy": 0.13, "eval_mlm_baseline": 0.061})[0].endswith("learned")

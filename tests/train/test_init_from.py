@@ -75,13 +75,13 @@ def test_a_vocabulary_or_size_that_disagrees_with_the_checkpoint_is_refused_nami
     assert "--model.preset null --data.tokenizer null" in message
 
 
-def test_the_flow_refuses_with_exit_code_2_before_ray_starts(minilm_dir, capsys):
-    import ray
+def test_the_flow_refuses_with_exit_code_2_before_ray_starts(minilm_dir, capsys, monkeypatch):
+    import bertray.cli
 
+    monkeypatch.setattr(bertray.cli, "start_ray", lambda *a, **k: pytest.fail("Ray was started"))
     code = _flow().main(["--model.init_from", str(minilm_dir), "--corpus", str(CORPUS)])   # embedded: tiny, 8,192
     err = capsys.readouterr().err
     assert code == 2 and "the run's settings disagree with the checkpoint" in err, err
-    assert not ray.is_initialized()
 
 
 def test_sequences_longer_than_the_checkpoints_positions_are_refused(tmp_path):
