@@ -173,7 +173,7 @@ def test_load_run_errors_name_the_file(tmp_path, memory_url):
 
 @pytest.fixture
 def without_matplotlib(monkeypatch):
-    """A process where `import matplotlib` fails, as without the plot extra."""
+    """A process where `import matplotlib` fails, as in an environment that lacks it."""
     curves._matplotlib_available.cache_clear()
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)
@@ -186,7 +186,7 @@ def test_write_run_curves_without_matplotlib_warns_once(tmp_path, without_matplo
         results = [write_run_curves(str(tmp_path), history(), BASELINES) for _ in range(3)]
     assert results == [False, False, False]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "pip install 'bertray[plot]'" in warnings[0]
+    assert len(warnings) == 1 and "pip install matplotlib" in warnings[0]
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -218,7 +218,7 @@ def test_flow_errors_are_one_line_and_exit_2(tmp_path, capsys, without_matplotli
     write_run(str(tmp_path / "base"), history())
     assert _flow().main([str(tmp_path / "base")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install 'bertray[plot]'" in err
+    assert err.count("\n") == 1 and "pip install matplotlib" in err
     assert not (tmp_path / "base" / "curves.png").exists()
 
 
