@@ -70,7 +70,8 @@ def test_embedded_default_flow_end_to_end(tmp_path):
     result = json.loads(summary.read_text())
     assert result["steps"] == 8
     said = [line.strip() for line in lines if line.strip().startswith(("held-out NSP", "held-out MLM"))]
-    assert len(said) == 2 and all(line.endswith(("learned", "x)")) for line in said), console
+    assert len(said) == 2 and all(re.fullmatch(r"held-out (NSP|MLM) .*\): (learned|not learned \(needs .*\))", line)
+                                  for line in said), console
     assert 0 < result["mlm_accuracy"] < 1 and result["loss"] > 0
     checkpoint = Path(result["checkpoint"])
     assert checkpoint.name == "checkpoint_00000008"
