@@ -381,7 +381,7 @@ def _documented_flow_commands() -> list[tuple[str, str, list[str]]]:
     import shlex
 
     found = []
-    for path in (REPO / "README.md", REPO / "docs" / "operations.md", CLUSTERS / "README.md"):
+    for path in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), CLUSTERS / "README.md"):
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
@@ -424,7 +424,7 @@ def test_examples_never_train_on_their_evaluation_text():
     evaluation text (caught: `--corpus s3://BUCKET/corpus/` listed `corpus/heldout/` recursively)."""
     import re
 
-    files = [REPO / "ray_cluster.yaml", REPO / "docs" / "operations.md", REPO / "README.md",
+    files = [REPO / "ray_cluster.yaml", *sorted((REPO / "docs").glob("*.md")), REPO / "README.md",
              *sorted((REPO / "clusters").rglob("*.yaml")), *sorted((REPO / "clusters").rglob("*.md"))]
     text = {f: f.read_text() for f in files}
     corpora = {m for t in text.values() for m in re.findall(r"--corpus\s+'?([a-z0-9]+://[^\s'\\]+)", t)}

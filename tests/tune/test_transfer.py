@@ -14,7 +14,7 @@ weights), and its checkpoint reached 61.6/54.7/61.5% dev accuracy while random i
 majority class (50.9%) in all trials. The assertions (best +5 points, mean +3 points) sit inside
 that. Before the run was made reproducible, one of four runs gave a checkpoint that stayed at the
 majority class too: what this tiny, briefly trained checkpoint gives is a head start, not a higher
-ceiling (with two epochs or lr 1e-3 random init catches up, 70-74%; the README reports both).
+ceiling (with two epochs or lr 1e-3 random init catches up, 70-74%; docs/benchmarks.md reports both).
 
 Deselect with `-m "not slow"` for a quick run of the folder.
 """
@@ -56,7 +56,7 @@ def embedded_pretraining(tmp_path_factory) -> pathlib.Path:
 def test_embedded_pretraining_learns_beyond_the_frequency_baseline(embedded_pretraining):
     """Held-out MLM accuracy (fixed masks, WikiText-2 valid) against always guessing the most frequent
     token ("the", 5.44%). Measured after the 600 default steps: 9.03%. NSP is reported, not asserted:
-    in this budget the tiny model still predicts the majority label (62.1%; see the README)."""
+    in this budget the tiny model still predicts the majority label (62.1%; see docs/benchmarks.md)."""
     summary = json.loads((embedded_pretraining.parent / "summary.json").read_text())
     print({k: v for k, v in summary.items() if k.startswith("eval_")})
     assert summary["steps"] == 600
