@@ -225,20 +225,26 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """A YAML file's content; `ConfigError` naming the file (`what` it should be) when it is missing
+    or not YAML."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None,
                 overrides: Mapping[str, Any] | None = None) -> T:
     """`cls` from an optional YAML file plus dotted overrides (`{"train.max_steps": 100}`)."""
-    import yaml
-
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     known = {name for name, _, _ in iter_options(cls)}

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence, get_args
 
-from bertray.config import check_folder_name, doc, from_mapping, to_mapping
+from bertray.config import check_folder_name, doc, from_mapping, read_yaml, to_mapping
 from bertray.errors import BertrayError, ConfigError, check
 from bertray.tasks import glue, multilabel
 from bertray.tasks.files import FORMATS, FileFormat, format_of
@@ -215,16 +215,8 @@ def card_from_mapping(data: Any, where: str = "task") -> TaskCard:
 def load_cards(path: str | os.PathLike) -> list[TaskCard]:
     """The tasks of a YAML card file: one task, a list of tasks, or `{tasks: [...]}`. A relative
     file path in a card means the card's folder when the file is there, else the working directory."""
-    import yaml
-
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"task_files: {path}: no such task file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml(path, "task file")
     if isinstance(data, Mapping) and "tasks" in data and "name" not in data:
         extra = sorted(set(data) - {"tasks"})
         if extra:
