@@ -39,11 +39,7 @@ from bertray.tasks.files import FORMATS, FileFormat, format_of
 from bertray.tasks.registry import A3_GRID, GROUPS, TASKS, Grid, TaskSpec
 
 TaskType = Literal["classification", "multilabel", "regression", "token", "span", "multiple_choice"]
-TYPES: tuple[str, ...] = get_args(TaskType)
-
-# The registry family behind each type (multilabel is a family of its own).
-FAMILY = {"classification": "classification", "multilabel": "multilabel", "regression": "regression",
-          "token": "token", "span": "span", "multiple_choice": "multiple_choice"}
+TYPES: tuple[str, ...] = get_args(TaskType)       # each type is the registry family of that name
 
 # Metrics a type can report, and its default list (the first selects the winner; classification
 # adds the positive class's F1 when there are two classes).
@@ -291,7 +287,7 @@ def card_spec(card: TaskCard) -> TaskSpec:
     grid = Grid(*dataclasses.astuple(card.grid)) if card.grid else A3_GRID
     labelled_test = bool(card.test and card.test_labelled)
     return TaskSpec(
-        name=card.name, family=FAMILY[card.type], column=card.name, data_dir="", files=card.files,
+        name=card.name, family=card.type, column=card.name, data_dir="", files=card.files,
         dev_splits=("dev", "test") if labelled_test else ("dev",), metrics=metrics_of(card), grid=grid,
         max_seq_len=card.max_seq_len or (384 if card.type == "span" else 128),
         labels=card.labels if card.type in ("classification", "multilabel", "token") else (),
@@ -304,6 +300,6 @@ def card_mapping(card: TaskCard) -> dict[str, Any]:
     return to_mapping(card)
 
 
-__all__ = ["DEV_SHARE", "FAMILY", "KNOWN_METRICS", "TYPES", "GridCard", "TaskCard", "card_from_flags",
+__all__ = ["DEV_SHARE", "KNOWN_METRICS", "TYPES", "GridCard", "TaskCard", "card_from_flags",
            "card_from_mapping", "card_mapping", "card_spec", "load_cards", "metrics_of", "unique_names",
            "with_paths"]
