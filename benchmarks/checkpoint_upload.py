@@ -62,7 +62,8 @@ def run(mode: str, args, bucket: str) -> dict:
     from bertray.cli import with_repo_paths
     from bertray.config import load_config
     from bertray.train.config import PretrainConfig
-    from bertray.train.pretrain import HISTORY, run_pretraining
+    from bertray.train.curves import HISTORY
+    from bertray.train.pretrain import run_pretraining
 
     overrides = {
         "model.preset": args.preset, "train.max_steps": args.steps, "train.log_every": 1, "train.eval_every": 0,

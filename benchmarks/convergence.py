@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from bertray.model.config import BertConfig
-from bertray.train.config import DataSection, PhaseConfig
-from bertray.data.pipeline import iter_local, stream_spec
+from bertray.data.config import DataSection, PhaseConfig
+from bertray.data.pipeline import iter_local
+from bertray.data.stream_spec import stream_spec
 from bertray.data.sources import resolve_corpus
 from bertray.model.heads import BertForPreTraining
 from bertray.train.optim import OPTIMIZERS, make_optimizer, warmup_linear_decay

@@ -64,7 +64,7 @@ def corpus_files(repeat: int = 1):
 
 def documents(repeat: int = 1):
     from bertray.data.documents import CorpusCounters
-    from bertray.data.sources import read_documents
+    from bertray.data.formats import read_documents
 
     counters = CorpusCounters()
     for file, layout in corpus_files(repeat):
@@ -169,7 +169,8 @@ def run_ray(seq: int, predictions: int, cores: int, passes: int) -> dict:
 
     from bertray.data.masking import MaskingConfig
     from bertray.data.nsp import NSPConfig
-    from bertray.data.pipeline import StreamSpec, build_dataset
+    from bertray.data.pipeline import build_dataset
+    from bertray.data.stream_spec import StreamSpec
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

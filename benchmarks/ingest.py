@@ -43,7 +43,8 @@ def run(args, in_memory: bool, output: str) -> dict:
     from bertray.cli import with_repo_paths
     from bertray.config import load_config
     from bertray.train.config import PretrainConfig
-    from bertray.train.pretrain import HISTORY, run_pretraining
+    from bertray.train.curves import HISTORY
+    from bertray.train.pretrain import run_pretraining
 
     phases = [{"fraction": 1.0, "max_seq_len": args.seq, "max_predictions_per_seq": args.predictions,
                "batch_size": args.batch}]

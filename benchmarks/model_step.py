@@ -40,7 +40,7 @@ import torch
 
 from bertray.model.config import BertConfig
 from bertray.model.heads import BertForPreTraining
-from bertray.train.batches import pretraining_batch
+from bertray.runtime.batches import pretraining_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def build_models(config: BertConfig, device: torch.device, compile_models: bool)
 
 
 def make_step(name: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool):
-    """bertray gets its inputs as its training loop does (`bertray.train.batches`: the mask and the
+    """bertray gets its inputs as its training loop does (`bertray.runtime.batches`: the mask and the
     real prediction slots decided on the host, so a full batch runs without a mask and without a
     host sync); transformers gets the usual tensors."""
     columns = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions", "masked_lm_ids",

@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 def make_spec(passes: int):
     from tokenizers import Tokenizer
 
-    from bertray.train.config import DataSection, PhaseConfig
-    from bertray.data.pipeline import stream_spec
+    from bertray.data.config import DataSection, PhaseConfig
+    from bertray.data.stream_spec import stream_spec
 
     tokenizer = Tokenizer.from_file(str(REPO / "samples/corpus/wikitext-2/vocab-8192/tokenizer.json"))
     data = DataSection(corpus=("s3://bucket/corpus/bert/",))
@@ -44,7 +44,8 @@ def measure(files: int, passes: int, max_tasks: int) -> dict:
     from ray.data.block import BlockMetadata
     from ray.data.datasource import ReadTask
 
-    from bertray.data.pipeline import CorpusDatasource, _pass_table, _read_unit, read_spec
+    from bertray.data.pipeline import CorpusDatasource, _pass_table, _read_unit
+    from bertray.data.stream_spec import read_spec
     from bertray.data.sources import CorpusFile
 
     corpus = [CorpusFile(f"s3://example-bucket/corpus/bert/shard-{i:06d}-of-{files:06d}.txt.zst", 50_000_000, i)

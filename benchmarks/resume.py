@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     import ray
     from tokenizers import Tokenizer
 
-    from bertray.train.config import DataSection, PhaseConfig
-    from bertray.data.pipeline import build_dataset, stream_spec
+    from bertray.data.config import DataSection, PhaseConfig
+    from bertray.data.pipeline import build_dataset
+    from bertray.data.stream_spec import stream_spec
     from bertray.data.position import DataPosition, StreamLayout
     from bertray.data.sources import resolve_corpus
 

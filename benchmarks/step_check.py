@@ -2,7 +2,7 @@
 on CUDA a proof that the step never waits for the GPU.
 
 Pretraining batches (full length, `P` masked slots) are prepared on the host exactly as the Ray
-worker prepares them (`bertray.train.batches.pretraining_batch`, pinned on CUDA) and copied inside
+worker prepares them (`bertray.runtime.batches.pretraining_batch`, pinned on CUDA) and copied inside
 the timed loop. On CUDA the timed steps run under `torch.cuda.set_sync_debug_mode("error")`: any
 host-device sync in a step (an `.item()`, a `nonzero`, a mask decided on the device) raises, and
 the case is reported with `host_syncs: "found"` and the error. MFU uses the FLOP count written out
@@ -29,7 +29,7 @@ from model_step import Case, make_batch, model_flops_per_step  # noqa: E402
 
 from bertray.model.config import BertConfig  # noqa: E402
 from bertray.model.heads import BertForPreTraining  # noqa: E402
-from bertray.train.batches import pretraining_batch  # noqa: E402
+from bertray.runtime.batches import pretraining_batch  # noqa: E402
 from bertray.train.optim import make_optimizer, warmup_linear_decay  # noqa: E402
 from bertray.train.step import TrainStep, pretraining_loss  # noqa: E402
 

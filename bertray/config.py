@@ -1,6 +1,6 @@
 """The config library: plain mappings (YAML, JSON, command-line overrides) -> validated, typed
 dataclasses, and back. The configurations themselves live beside what they configure: the model's
-in `bertray.model.config`, pretraining's in `bertray.train.config`, a sweep's in `bertray.tune.sweep`.
+in `bertray.model.config`, pretraining's in `bertray.train.config`, a sweep's in `bertray.tune.sweep_plan`.
 
 Validation happens once, at the edge: a bad value raises `ConfigError` naming the key and what is
 allowed, and nothing deeper in the library re-parses configuration.

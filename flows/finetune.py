@@ -56,7 +56,7 @@ ALIASES = {"labels": ("--label",), "learning_rates": ("--lr",), "batch_sizes": (
 def build_parser() -> argparse.ArgumentParser:
     from bertray.cli import add_config_options
     from bertray.tasks.card import TYPES
-    from bertray.tune.sweep import FinetuneConfig
+    from bertray.tune.sweep_plan import FinetuneConfig
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -107,7 +107,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
     """The config fields given as flags; --restarts N as seeds 0..N-1."""
     from bertray.cli import config_overrides
     from bertray.errors import ConfigError
-    from bertray.tune.sweep import FinetuneConfig
+    from bertray.tune.sweep_plan import FinetuneConfig
 
     out = config_overrides(FinetuneConfig, args)
     if args.restarts is not None:
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     from bertray.cli import ray_logs_line, repo_path, start_ray
     from bertray.config import load_config
     from bertray.errors import BertrayError
-    from bertray.tune.sweep import FinetuneConfig
+    from bertray.tune.sweep_plan import FinetuneConfig
 
     try:
         overrides = overrides_from(args)
@@ -144,7 +144,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from bertray.tune.sweep import prepare_tasks, resolve_rows, run_sweep
+    from bertray.tune.sweep import run_sweep
+    from bertray.tune.sweep_plan import prepare_tasks, resolve_rows
 
     try:                                          # fail before starting Ray when an input is missing or bad
         rows = resolve_rows(cfg)

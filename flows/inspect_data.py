@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     from bertray.cli import config_from_args, start_ray, with_repo_paths
     from bertray.train.config import PretrainConfig
     from bertray.data.documents import CorpusCounters, layout_warning
-    from bertray.data.pipeline import PipelineCounters, build_dataset, drop_markers, stream_spec, unpack_doc_id
+    from bertray.data.pipeline import PipelineCounters, build_dataset, drop_markers, unpack_doc_id
+    from bertray.data.stream_spec import stream_spec
     from bertray.data.sources import resolve_corpus
     from bertray.data.vocabulary import run_tokenizer
     from bertray.errors import BertrayError

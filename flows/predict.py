@@ -20,7 +20,7 @@ rows named as <file>:<line>, timing). The kind's columns:
     the config's threshold, default 0.5, highest first) and scores (every label's, a struct);
   token classification (NER): entities, a list of {entity_group, score, word, start, end} with
     start/end character offsets into the text, grouped as transformers' token-classification
-    pipeline with aggregation_strategy="simple"; texts over --max-seq-len tokens (default 128) are
+    pipeline with aggregation_strategy="simple"; texts over --max-seq-len tokens (default: the fine-tuned length) are
     tagged window by window to their end.
 Multiple-choice models are refused: they have no one-input format.
 Re-running the same command after a crash finishes the job:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from bertray.train.config import DataSection, ScalingSection
+from bertray.data.config import DataSection
+from bertray.train.config import ScalingSection
 from bertray.errors import ConfigError
 from bertray.labels import matches, selector_problem
 

@@ -1,5 +1,7 @@
-"""README's layout table names every module of the library, and nothing that is not there."""
+"""README's layout table names every module of the library, and nothing that is not there; the guides
+name only what exists; and the library's layers import only downwards, Ray only where it is driven."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -62,3 +64,81 @@ def test_every_flag_the_guides_name_is_a_config_key():
             if key not in keys and Path(key).suffix not in FILE_SUFFIXES:
                 unknown.add(f"{guide.name}: {key}")
     assert not unknown, sorted(unknown)
+
+
+# --------------------------------------------------------------------------------------------
+# Layering: who may import whom (every import, also those inside functions and TYPE_CHECKING)
+
+LOWER_PACKAGES = {               # package -> what it must not import
+    "bertray.data": ("bertray.train", "bertray.tune"),
+    "bertray.model": ("bertray.train", "bertray.tune"),
+    "bertray.tasks": ("bertray.train", "bertray.tune"),
+    "bertray.predict": ("bertray.train", "bertray.tune"),
+    "bertray.serve": ("bertray.train", "bertray.tune"),
+    # what training, tuning and prediction share (batches, autocast, the checkpoint cache) sits below all three
+    "bertray.runtime": ("bertray.train", "bertray.tune", "bertray.predict", "bertray.serve"),
+}
+
+RAY_MODULES = {                  # the modules that may import Ray, and why
+    "bertray/data/pipeline.py": "the Ray Data pipeline (read tasks, tokenizer actors)",
+    "bertray/train/pretrain.py": "the pretraining driver: the TorchTrainer, the cluster check, actors on its node",
+    "bertray/train/worker_loop.py": "the Train worker loop: Ray Train's worker context, dataset shards, DDP",
+    "bertray/train/worker_checkpoints.py": "the workers' checkpoint reports and resume (ray.train.report, Checkpoint)",
+    "bertray/train/console.py": "the driver's console: an actor the workers' log lines go through",
+    "bertray/train/metrics.py": "the workers' metric sinks: Ray's metrics (Prometheus gauges)",
+    "bertray/train/stall.py": "the batch-wait watchdog's diagnosis: Ray's cluster resources and state API",
+    "bertray/tune/sweep.py": "the fine-tuning sweep on Ray Tune",
+    "bertray/predict/job.py": "batch prediction on Ray Data",
+    "bertray/serve/app.py": "online prediction on Ray Serve",
+    "bertray/cli.py": "start_ray: the flows join a cluster or start a local Ray",
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in it: `from a.b import c` gives a.b and a.b.c."""
+    import ast
+
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:                                    # relative: from the module's own package up
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+@functools.cache
+def _modules() -> dict[str, set[str]]:
+    return {p.relative_to(REPO).as_posix(): _imports(p) for p in sorted((REPO / "bertray").rglob("*.py"))}
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_lower_layers_never_import_the_higher_ones():
+    """data, model and tasks know nothing of training or tuning; prediction and serving neither;
+    the shared runtime helpers know none of their users."""
+    broken = []
+    for path, imported in _modules().items():
+        module = path.removesuffix(".py").replace("/", ".")
+        for package, forbidden in LOWER_PACKAGES.items():
+            if _under(module, package):
+                broken += [f"{path} imports {name}" for name in sorted(imported)
+                           if any(_under(name, f) for f in forbidden)]
+    assert not broken, broken
+
+
+def test_only_the_ray_facing_modules_import_ray():
+    """Ray is imported by the few modules that drive it (see RAY_MODULES for why each); every other
+    module of bertray is plain Python, testable and readable without a cluster."""
+    modules = _modules()
+    importing = {path for path, imported in modules.items() if any(_under(name, "ray") for name in imported)}
+    assert sorted(importing - set(RAY_MODULES)) == [], "import Ray outside the modules allowed to (RAY_MODULES)"
+    assert sorted(set(RAY_MODULES) - importing) == [], "RAY_MODULES lists modules that no longer import Ray"

@@ -7,16 +7,16 @@ paragraph per line and ` = Title = ` lines between articles; Project Gutenberg b
 document per file with hard-wrapped paragraphs. `CorpusLayout` names these choices and
 `LAYOUT_PRESETS` holds the common ones, so a corpus is described once instead of preprocessed.
 
-Everything here streams: a file arrives as byte chunks, lines and documents leave as they are
-complete, and every buffer is bounded (`max_line_chars`, `max_sentence_chars`,
-`max_document_sentences`), so a 4 GB file without a single newline costs the same memory as a
-tweet. What had to be repaired or cut is counted in `CorpusCounters` rather than silently dropped,
-and `layout_warning` turns suspicious counts into a message a user sees at the start of a run.
+Everything here streams: lines arrive from the file reader (`bertray.data.formats`, which decodes
+a file's bytes and bounds each line by `max_line_chars`), documents leave as they are complete,
+and every buffer is bounded (`max_sentence_chars`, `max_document_sentences`), so a 4 GB file
+without a single newline costs the same memory as a tweet. What had to be repaired or cut is
+counted in `CorpusCounters` rather than silently dropped, and `layout_warning` turns suspicious
+counts into a message a user sees at the start of a run.
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import re
 import unicodedata
@@ -144,153 +144,6 @@ class CorpusCounters(dict):
 
 
 # --------------------------------------------------------------------------------------------
-# Bytes -> lines
-
-
-_UTF8_REPLACEMENT = "\ufffd"
-_UTF8_REPLACEMENT_BYTES = _UTF8_REPLACEMENT.encode("utf-8")
-
-
-class _LineSplitter:
-    """Splits decoded text into lines while holding at most `max_line_chars` of an unfinished line.
-
-    A longer line is yielded in pieces (`cut`), or dropped as it streams and yielded as one None
-    (`skip`: a JSONL row cut in pieces is no longer JSON, and the None keeps line numbers right)."""
-
-    def __init__(self, counters: CorpusCounters, max_line_chars: int, *, skip_overlong: bool = False) -> None:
-        self.counters = counters
-        self.limit = max_line_chars
-        self.skip_overlong = skip_overlong
-        self.pending: list[str] = []
-        self.pending_len = 0
-        self.was_cut = False
-        self.skipping = False
-
-    def feed(self, text: str) -> list[str | None]:
-        out: list[str | None] = []
-        parts = text.split("\n")
-        last = len(parts) - 1
-        for i, part in enumerate(parts):
-            if part:
-                self._append(part, out)
-            if i < last:
-                self._end_line(out)
-        return out
-
-    def finish(self) -> list[str | None]:
-        out: list[str | None] = []
-        if self.pending or self.skipping:
-            self._end_line(out)
-        return out
-
-    def _append(self, part: str, out: list[str | None]) -> None:
-        if self.skipping:
-            return
-        limit = self.limit
-        if self.pending_len + len(part) <= limit:
-            self.pending.append(part)
-            self.pending_len += len(part)
-            return
-        if self.skip_overlong:
-            self.skipping = True
-            self.pending = []
-            self.pending_len = 0
-            return
-        pos = 0
-        while self.pending_len + (len(part) - pos) > limit:
-            take = limit - self.pending_len
-            head = "".join(self.pending) + part[pos:pos + take]
-            piece, carry = _cut_at_space(head, limit)
-            if not self.was_cut:
-                self.counters["long_lines_cut"] += 1
-                self.was_cut = True
-            out.append(piece)
-            self.pending = [carry] if carry else []
-            self.pending_len = len(carry)
-            pos += take
-        if pos < len(part):
-            self.pending.append(part[pos:])
-            self.pending_len += len(part) - pos
-
-    def _end_line(self, out: list[str | None]) -> None:
-        self.counters["lines"] += 1
-        if self.skipping:
-            out.append(None)
-            self.skipping = False
-            return
-        line = "".join(self.pending)
-        if line.endswith("\r"):
-            line = line[:-1]
-        # The tail of a cut line may be empty; yielding it would look like a blank line.
-        if line or not self.was_cut:
-            out.append(line)
-        self.pending = []
-        self.pending_len = 0
-        self.was_cut = False
-
-
-def _cut_at_space(text: str, limit: int) -> tuple[str, str]:
-    """Split `text` at its last space within its first `limit` chars (if in their second half),
-    else hard at `limit`, so the head has at most `limit` chars and words stay whole if possible."""
-    k = text.rfind(" ", limit // 2, limit + 1)
-    if k > 0:
-        return text[:k], text[k + 1:]
-    return text[:limit], text[limit:]
-
-
-def _pieces(text: str, limit: int) -> Iterator[str]:
-    """`text` in pieces of at most `limit` chars, cut as `_cut_at_space` does, without re-slicing
-    the remainder each time (a 1 MB line would otherwise be copied a hundred times)."""
-    pos, n = 0, len(text)
-    while n - pos > limit:
-        k = text.rfind(" ", pos + limit // 2, pos + limit + 1)
-        if k > pos:
-            piece, pos = text[pos:k], k + 1
-        else:
-            piece, pos = text[pos:pos + limit], pos + limit
-        if piece:
-            yield piece
-    if pos < n:
-        yield text[pos:]
-
-
-def iter_lines(chunks: Iterable[bytes], counters: CorpusCounters, *, max_line_chars: int,
-               skip_overlong: bool = False) -> Iterator[str | None]:
-    """The lines of one file given as byte chunks of any size (one call counts one file).
-
-    Decoding is incremental, so a multi-byte character split across two chunks decodes correctly;
-    undecodable bytes become U+FFFD and are counted as `invalid_utf8` (a real U+FFFD in the file is
-    not). Lines end at `\\n` (a trailing `\\r` is dropped); a line longer than `max_line_chars` is
-    yielded in pieces as it streams (counted once in `long_lines_cut`) so a newline-free file
-    never sits in memory whole; with `skip_overlong` it is dropped as it streams and yielded as
-    None, for the caller to count and name. A missing final newline still ends the last line; an
-    empty file yields nothing.
-    """
-    if max_line_chars < 1:
-        raise ConfigError(f"max_line_chars: must be a positive integer, got {max_line_chars!r}")
-    counters["files"] += 1
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    splitter = _LineSplitter(counters, max_line_chars, skip_overlong=skip_overlong)
-    tail = b""
-    for chunk in chunks:
-        if not chunk:
-            continue
-        counters["bytes"] += len(chunk)
-        text = decoder.decode(chunk)
-        if _UTF8_REPLACEMENT in text:
-            # A genuine U+FFFD is decoded with the chunk its bytes end in; `tail` (the stream's
-            # previous two bytes) catches the ones that started before this chunk.
-            genuine = (tail + bytes(chunk)).count(_UTF8_REPLACEMENT_BYTES)
-            counters["invalid_utf8"] += text.count(_UTF8_REPLACEMENT) - genuine
-        tail = (tail + bytes(chunk[-2:]))[-2:]
-        yield from splitter.feed(text)
-    text = decoder.decode(b"", final=True)
-    counters["invalid_utf8"] += text.count(_UTF8_REPLACEMENT)
-    yield from splitter.feed(text)
-    yield from splitter.finish()
-
-
-# --------------------------------------------------------------------------------------------
 # Cleaning and sentence splitting
 
 
@@ -387,6 +240,23 @@ def split_sentences(paragraph: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------
 # Lines -> documents
+
+
+def _pieces(text: str, limit: int) -> Iterator[str]:
+    """`text` in pieces of at most `limit` chars, cut at its last space within each piece's limit (if in
+    its second half), else hard at the limit, as the reader cuts long lines (`bertray.data.formats`),
+    without re-slicing the remainder each time (a 1 MB line would otherwise be copied a hundred times)."""
+    pos, n = 0, len(text)
+    while n - pos > limit:
+        k = text.rfind(" ", pos + limit // 2, pos + limit + 1)
+        if k > pos:
+            piece, pos = text[pos:k], k + 1
+        else:
+            piece, pos = text[pos:pos + limit], pos + limit
+        if piece:
+            yield piece
+    if pos < n:
+        yield text[pos:]
 
 
 class DocumentPiece(list):
@@ -574,6 +444,6 @@ def layout_warning(counters: CorpusCounters) -> str | None:
 
 
 __all__ = [
-    "CorpusLayout", "LAYOUT_PRESETS", "CorpusCounters", "COUNTER_KEYS", "iter_lines", "clean_text",
+    "CorpusLayout", "LAYOUT_PRESETS", "CorpusCounters", "COUNTER_KEYS", "clean_text",
     "split_sentences", "iter_documents", "documents_from_text", "layout_warning",
 ]

@@ -1,8 +1,9 @@
 """The Ray Data pipeline: corpus files -> documents -> token ids -> NSP instances -> masked batches.
 
-The only module that knows Ray Data. Every stage is a pure function from `documents.py`, `nsp.py`
-and `masking.py`; this file decides where each runs (read tasks, then an actor pool that tokenizes,
-pairs and masks), with how many CPUs, and how randomness is keyed.
+The only module that knows Ray Data. Every stage is a pure function from `formats.py`, `documents.py`,
+`nsp.py` and `masking.py`; this file decides where each runs (read tasks, then an actor pool that
+tokenizes, pairs and masks), with how many CPUs, and how randomness is keyed. What a stream is (its
+`StreamSpec`, its columns, the held-out split) is `stream_spec.py`.
 
 Passes over the corpus are part of the dataset itself: the stream is a sequence of units, (pass,
 group of files), each read by a task of its own and listed by one small task per pass
@@ -18,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,106 +28,20 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from bertray.train.config import DataSection
-from bertray.data.documents import CorpusCounters, CorpusLayout, DocumentPiece
-from bertray.data.masking import OBJECTIVES, MaskingConfig, causal_lm_targets, mask_tokens
-from bertray.data.nsp import NSPConfig, make_nsp_instances, make_packed_instances
-from bertray.data.position import POSITION_COLUMNS, DataPosition
-from bertray.data.seeding import derive_rng, stable_hash
-from bertray.data.sources import CorpusFile, read_documents
+from bertray.data.documents import CorpusCounters, DocumentPiece
+from bertray.data.masking import OBJECTIVES, causal_lm_targets, mask_tokens
+from bertray.data.nsp import make_nsp_instances, make_packed_instances
+from bertray.data.seeding import derive_rng
+from bertray.data.formats import read_documents
+from bertray.data.sources import CorpusFile
+from bertray.data.stream_spec import (INSTANCE_COLUMNS, PROVENANCE_COLUMNS, SPLITS, TRAINER_COLUMNS, StreamSpec,
+                                      holdout_key, is_held_out, read_spec)
 from bertray.labels import matches
-
-if TYPE_CHECKING:
-    from bertray.train.config import PhaseConfig
 
 log = logging.getLogger(__name__)
 
 # Stage tags mixed into seeds so NSP pairing and masking never share a random stream.
 _STAGE_READ, _STAGE_PAIR, _STAGE_MASK = 1, 2, 3
-INSTANCE_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
-                    "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")   # what the model reads
-TRAINER_COLUMNS = INSTANCE_COLUMNS + POSITION_COLUMNS
-PROVENANCE_COLUMNS = ("doc_id", "b_doc_id", "a_start", "a_end", "b_start", "b_end", "pass_index")
-SPLITS = ("train", "heldout")
-
-
-def _data_default(name: str) -> Any:
-    """A field of `StreamSpec` that mirrors one of `DataSection` takes that field's default: one
-    source for each default."""
-    (f,) = (f for f in dataclasses.fields(DataSection) if f.name == name)
-    if f.default_factory is not dataclasses.MISSING:
-        return field(default_factory=f.default_factory)
-    return f.default
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """Everything a pipeline run needs besides the files; built from the validated config
-    (`stream_spec`), or directly in tests and benchmarks."""
-
-    layout: CorpusLayout
-    nsp: NSPConfig
-    masking: MaskingConfig
-    tokenizer_json: str                # the serialized `tokenizers.Tokenizer`: workers on any node can build it
-    objective: str = _data_default("objective")
-    corpus_format: str = _data_default("format")
-    seed: int = 0
-    generation: int = 0
-    passes: int = 1
-    docs_per_batch: int = _data_default("docs_per_batch")
-    buffer_chars: int = _data_default("buffer_chars")
-    files_per_read_task: int = _data_default("files_per_read_task")
-    preserve_order: bool = _data_default("preserve_order")    # same instances in the same order on every run
-    holdout_fraction: float = _data_default("holdout_fraction")   # share of documents kept out of training
-    split: str = "train"               # "train": every document not held out; "heldout": only those
-    read_cpus: float = _data_default("read_cpus")
-    tokenizer_cpus: float = _data_default("tokenizer_cpus")
-    tokenizer_actors: int = _data_default("tokenizer_actors")   # 0: an autoscaling pool of 1..(cluster CPUs) actors
-    storage_options: Mapping[str, Any] = _data_default("storage_options")
-    max_file_bytes: int | None = _data_default("max_file_bytes")
-    resume: DataPosition | None = None # where a resumed run stands: finished units are not planned
-    label_selector: Mapping[str, str] = _data_default("node_labels")   # the nodes the stages run on (none: any)
-
-
-def read_spec(spec: StreamSpec) -> StreamSpec:
-    """What the reading stage needs: no tokenizer, no resume bitmaps (each unit's row carries its own part)."""
-    return dataclasses.replace(spec, tokenizer_json="", resume=None)
-
-
-def stream_spec(data: DataSection, phase: "PhaseConfig", tokenizer_json: str, *, seed: int, generation: int,
-                passes: int, resume: DataPosition | None = None,
-                label_selector: Mapping[str, str] | None = None) -> StreamSpec:
-    """The stream of one phase of the schedule (its sequence length and P) from the run's config."""
-    return StreamSpec(
-        layout=data.corpus_layout(), nsp=NSPConfig(max_seq_len=phase.max_seq_len, short_seq_prob=data.short_seq_prob),
-        masking=data.masking(phase.max_predictions_per_seq if data.objective != "ltr" else phase.max_seq_len),
-        tokenizer_json=tokenizer_json, objective=data.objective, corpus_format=data.format, seed=seed,
-        generation=generation, passes=passes, docs_per_batch=data.docs_per_batch,
-        buffer_chars=data.buffer_chars, preserve_order=data.preserve_order,
-        files_per_read_task=data.files_per_read_task, read_cpus=data.read_cpus, tokenizer_cpus=data.tokenizer_cpus,
-        tokenizer_actors=data.tokenizer_actors, storage_options=data.storage_options,
-        holdout_fraction=data.holdout_fraction, max_file_bytes=data.max_file_bytes, resume=resume,
-        label_selector=dict(data.node_labels if label_selector is None else label_selector))
-
-
-_HOLDOUT_BUCKETS = 1 << 20
-
-
-def holdout_key(url: str) -> str:
-    """What the held-out choice hashes for a file: its folder and name, so the split does not change
-    with where the corpus lies or how its path is spelled (`../data/x.txt`, `s3://bucket/data/x.txt`;
-    for `s3://bucket/x` the bucket is the folder)."""
-    parts = urlsplit(url)
-    return "/".join(posixpath.normpath(f"{parts.netloc}/{parts.path}").split("/")[-2:])
-
-
-def is_held_out(key: str, document_number: int, fraction: float) -> bool:
-    """Whether a document belongs to the held-out split: a hash of (`holdout_key` of its file, its
-    position in the file). The choice is the same in every process, pass and run, needs no index of
-    the corpus, and takes documents from every file rather than whole files."""
-    if fraction <= 0:
-        return False
-    return stable_hash(f"{key}#{document_number}") % _HOLDOUT_BUCKETS < fraction * _HOLDOUT_BUCKETS
 
 
 @ray.remote(num_cpus=0)

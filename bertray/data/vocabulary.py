@@ -11,11 +11,12 @@ from tokenizers import Tokenizer
 
 from bertray import wordpiece
 from bertray.data.documents import CorpusCounters
-from bertray.data.sources import CorpusFile, read_documents
+from bertray.data.formats import read_documents
+from bertray.data.sources import CorpusFile
 from bertray.storage import exists, join_url
 
 if TYPE_CHECKING:
-    from bertray.train.config import DataSection
+    from bertray.data.config import DataSection
 
 log = logging.getLogger(__name__)
 

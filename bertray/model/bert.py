@@ -348,7 +348,7 @@ class BertModel(BertPreTrainedModel):
         padding runs packed (`TokenPacking`): its outputs are zero at padding positions.
 
         `packing`: None finds it here from the mask, which on a GPU waits for the mask (a host
-        sync); training loops compute it on the host beforehand (`bertray.train.batches`) and pass
+        sync); training loops compute it on the host beforehand (`bertray.runtime.batches`) and pass
         it, or False for no packing."""
         mask = attention_mask_for(attention_mask, input_ids.shape[1], self.config.is_causal)
         if packing is None:

@@ -132,7 +132,7 @@ class BertForPreTraining(BertPreTrainedModel):
 
         `masked_lm_index` (N,): the flat slots b * P + p whose weight is > 0, ascending. Found from
         the weights when not given, which on a GPU waits for them (a host sync); training loops
-        compute it on the host with the batch (`bertray.train.batches`). `packing`: see `BertModel`."""
+        compute it on the host with the batch (`bertray.runtime.batches`). `packing`: see `BertModel`."""
         out = self.bert(input_ids, token_type_ids, attention_mask, packing=packing)
         nsp_logits = self.cls.seq_relationship(out.pooler_output)            # (B, 2)
         mlm_logits = mlm_loss = mlm_accuracy = None

@@ -21,8 +21,8 @@ import torch
 from bertray.errors import ConfigError
 from bertray.predict.entities import Entity
 from bertray.predict.model import LoadedModel
-from bertray.train.batches import attention_inputs, to_device
-from bertray.train.step import autocast
+from bertray.runtime.autocast import autocast
+from bertray.runtime.batches import attention_inputs, to_device
 
 EMBEDDINGS = ("cls", "mean")
 # A span logit at a position the model did not see (what `trainer.predict` pads with).

@@ -1,9 +1,9 @@
-"""Rows to predict, read from text, TSV, JSONL or Parquet files at any fsspec URL.
+"""Rows to predict, read from text, CSV, TSV, JSONL or Parquet files at any fsspec URL.
 
 A row is an id and one or two texts: a text, a pair of texts, or a question and its context.
 The id is the input's id column where the file has one, else `<file>:<line>` (`<file>:row <n>`
 for Parquet), so every prediction can be traced to its input. A malformed row (broken JSON, a
-missing or non-string field, a wrong number of TSV fields, an overlong line) is skipped, counted
+missing or non-string field, a wrong number of CSV/TSV fields, an overlong line) is skipped, counted
 and named as `<file>:<line>: why`; one bad row never ends a job over millions.
 """
 
@@ -15,13 +15,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from bertray.data.documents import CorpusCounters, iter_lines
-from bertray.data.sources import detect_format, iter_chunks, storage_options_for
+from bertray.data.documents import CorpusCounters
+from bertray.data.formats import detect_format, iter_chunks, iter_lines
+from bertray.data.sources import storage_options_for
 from bertray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INPUT_FORMATS = ("auto", "text", "tsv", "jsonl", "parquet")
+INPUT_FORMATS = ("auto", "text", "csv", "tsv", "jsonl", "parquet")
 MAX_LINE_CHARS = 1 << 20          # a longer line or row is skipped as malformed
 NAMED_BAD_ROWS = 20               # bad rows named per shard (all are counted)
 LOGGED_BAD_ROWS = 3               # bad rows logged per shard
@@ -49,14 +50,14 @@ class BadRows:
 
 
 def file_format(url: str, fmt: str) -> str:
-    """The format of one file: `fmt`, or from its extension (.tsv, .jsonl/.json, .parquet, else text)."""
+    """The format of one file: `fmt`, or from its extension (.csv, .tsv, .jsonl/.json, .parquet, else text)."""
     if fmt not in INPUT_FORMATS:
         raise ConfigError(f"format: {fmt!r} is not one of {', '.join(INPUT_FORMATS)}")
     if fmt != "auto":
         return fmt
-    lowered = url.lower()
-    if lowered.removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz").removesuffix(".zst").endswith(".tsv"):
-        return "tsv"
+    plain = url.lower().removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz").removesuffix(".zst")
+    if plain.endswith((".tsv", ".csv")):
+        return plain[-3:]
     return detect_format(url)
 
 
@@ -69,10 +70,12 @@ def read_rows(url: str, fmt: str, fields: Sequence[str], id_field: str, bad: Bad
     if fmt == "text":
         if len(fields) != 1:
             raise ConfigError(f"{url}: a plain text file has one text per line; pairs and questions need "
-                              f"columns (TSV, JSONL or Parquet)")
+                              f"columns (CSV, TSV, JSONL or Parquet)")
         yield from _text_rows(url, bad, storage_options)
     elif fmt == "tsv":
         yield from _tsv_rows(url, fields, id_field, bad, storage_options)
+    elif fmt == "csv":
+        yield from _csv_rows(url, fields, id_field, bad)
     elif fmt == "jsonl":
         yield from _jsonl_rows(url, fields, id_field, bad, storage_options)
     else:
@@ -117,6 +120,30 @@ def _tsv_rows(url: str, fields: Sequence[str], id_field: str, bad: BadRows, stor
             continue
         row_id = values[id_at] if id_at is not None else f"{url}:{line_no}"
         yield Row(row_id, tuple(values[i] for i in where))
+
+
+def _csv_rows(url: str, fields: Sequence[str], id_field: str, bad: BadRows) -> Iterator[Row]:
+    """RFC 4180 CSV (quoted fields may hold commas and line breaks) through the task cards' reader,
+    so a file that fine-tuned a model is read the same way to predict with it; `line` is where
+    the record starts. Credentials and endpoints come from the environment, as for task cards."""
+    from bertray.tasks import files
+
+    fmt = files.FileFormat(format="csv")
+    header = files.columns(url, fmt)
+    missing = [f for f in fields if f not in header]
+    if missing:
+        raise ConfigError(f"{url}:1: the header has no column {', '.join(map(repr, missing))} "
+                          f"(columns: {', '.join(header)}); set the text field option(s)")
+    for record in files.read_rows(url, fmt):
+        at = f"{url}:{record.line}"
+        if record.fields is None:
+            bad.skip(at, record.problem or "an unreadable record")
+            continue
+        texts = tuple(record.fields.get(f) for f in fields)
+        if not all(isinstance(t, str) and t for t in texts):
+            bad.skip(at, f"field {fields[[bool(t) for t in texts].index(False)]!r} is empty")
+            continue
+        yield Row(str(record.fields[id_field]) if record.fields.get(id_field) else at, texts)
 
 
 def _jsonl_rows(url: str, fields: Sequence[str], id_field: str, bad: BadRows, storage_options) -> Iterator[Row]:

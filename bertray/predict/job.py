@@ -54,8 +54,9 @@ class PredictConfig:
     embeddings: Literal["cls", "mean"] | None = doc(None, "also write each input's vector: cls (final [CLS] "
                                                           "state) or mean (mean over tokens); sequence "
                                                           "classifiers only")
-    max_seq_len: int | None = doc(None, "tokens per input, longer ones truncated (null: 128, 384 for QA); a token "
-                                        "tagger tags longer texts in windows of this many tokens instead")
+    max_seq_len: int | None = doc(None, "tokens per input, longer ones truncated (null: the length it was "
+                                        "fine-tuned at, else 128, 384 for QA); a token tagger tags longer texts "
+                                        "in windows of this many tokens instead")
     batch_size: int = doc(64, "sequences per forward pass (inputs are sorted by length first)")
     chunk_rows: int = doc(2048, "rows read, sorted and predicted together; bounds an actor's memory")
     rows_per_unit: int = doc(100_000, "Parquet inputs are cut into units of about this many rows at row-group "
@@ -209,7 +210,7 @@ def run_prediction(cfg: PredictConfig) -> dict[str, Any]:
     from bertray.data.sources import resolve_corpus
     from bertray.predict.kinds import read_head
     from bertray.storage import join_url, write_text
-    from bertray.train.checkpoints import local_checkpoint
+    from bertray.runtime.checkpoint_cache import local_checkpoint
 
     started = time.perf_counter()
     kind = read_head(local_checkpoint(cfg.model, cfg.cache_dir)).kind

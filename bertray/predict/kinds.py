@@ -73,6 +73,7 @@ class Head:
     kind: Kind
     labels: tuple[str, ...]
     threshold: float | None = None
+    trained_seq_len: int | None = None   # the sequence length it was fine-tuned at (bertray's sweep records it)
 
 
 def _classify(loaded, columns: Sequence[Sequence[str]], **options):
@@ -135,7 +136,9 @@ def head_of(config: Mapping[str, Any], where: str = "config.json") -> Head:
         raise ConfigError(f"{where}: id2label: a {kind.what} head needs at least {kind.min_labels} label(s), "
                           f"got {id2label!r}")
     threshold = _threshold(config, where) if kind.name == "multilabel" else None
-    return Head(architecture, kind, labels, threshold)
+    trained = (config.get("bertray") or {}).get("max_seq_len") if isinstance(config.get("bertray"), dict) else None
+    return Head(architecture, kind, labels, threshold,
+                trained if isinstance(trained, int) and not isinstance(trained, bool) and trained >= 8 else None)
 
 
 def _kind_name(head: str, problem_type: str | None, labels: tuple[str, ...]) -> str:

@@ -53,12 +53,13 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
                max_seq_len: int | None = None, cache_dir: str | None = None,
                threads: int | None = None) -> LoadedModel:
     """Load a fine-tuned folder (local path or fsspec URL) onto `device` (default: a GPU if there
-    is one), in eval mode, without dropout. `max_seq_len`: longer inputs are truncated (default
-    128, 384 for question answering, never above the model's positions); a token tagger cuts
-    longer texts into windows of that many tokens instead."""
+    is one), in eval mode, without dropout. `max_seq_len`: longer inputs are truncated (default:
+    the length the model was fine-tuned at, as the sweep records it in config.json, else 128, 384
+    for question answering; never above the model's positions); a token tagger cuts longer texts
+    into windows of that many tokens instead."""
     from bertray import wordpiece
     from bertray.model import heads
-    from bertray.train.checkpoints import local_checkpoint
+    from bertray.runtime.checkpoint_cache import local_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,7 +70,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     limit = model.config.max_position_embeddings
-    max_seq_len = max_seq_len or head.kind.max_seq_len
+    max_seq_len = max_seq_len or min(head.trained_seq_len or head.kind.max_seq_len, limit)
     if not 8 <= max_seq_len <= limit:
         raise ConfigError(f"max_seq_len: must be in [8, {limit}] (the model's max_position_embeddings), "
                           f"got {max_seq_len}")

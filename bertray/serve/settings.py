@@ -20,8 +20,9 @@ class ServeSettings:
     max_items: int = doc(64, "most texts or pairs in one request")
     max_text_chars: int = doc(20_000, "longest text, question or context accepted, in characters")
     max_body_bytes: int = doc(4 << 20, "largest request body accepted")
-    max_seq_len: int | None = doc(None, "tokens per input, longer ones truncated (null: 128, 384 for QA); a token "
-                                        "tagger tags longer texts in windows of this many tokens instead")
+    max_seq_len: int | None = doc(None, "tokens per input, longer ones truncated (null: the length it was "
+                                        "fine-tuned at, else 128, 384 for QA); a token tagger tags longer texts "
+                                        "in windows of this many tokens instead")
     threads: int = doc(1, "torch threads per replica")
     device: str | None = doc(None, "torch device (null: a GPU if the replica has one)")
     cache_dir: str | None = doc(None, "node-local cache for a downloaded model")

@@ -234,12 +234,20 @@ def _has_labels(card: TaskCard, url: str) -> bool:
         return True
     if kind != "conll" and card.label not in files.columns(url, card.file_format):
         return False
-    for i, row in enumerate(files.read_rows(url, card.file_format)):
-        if row.fields is not None and row.fields.get(card.label) not in (None, "", []):
+    for i, row in enumerate(own.records(card, url)):
+        if row.fields is not None and _is_label(row.fields.get(card.label)):
             return True
         if i >= INFER_ROWS:
             break
     return False
+
+
+def _is_label(value: Any) -> bool:
+    """Whether a label cell says something: not missing, not empty, and not a list of empty tags
+    (what a CoNLL file of words alone, the text to tag, has in its tag column)."""
+    if isinstance(value, (list, tuple)):
+        return any(str(v).strip() for v in value)
+    return value not in (None, "")
 
 
 def _settle_type(card: TaskCard, lines: list[str]) -> TaskCard:

@@ -10,7 +10,8 @@ table shows their per-class precision, recall and F1.
 first cell is `gold\\predicted`. The first dev split's file is `confusion.csv` (the split that
 selects the winner), another dev split's `confusion_<split>.csv` (MNLI's mismatched set, the
 CoNLL test set). Tasks whose items are not labels of `spec.labels` (regression, spans, multiple
-choice) get none.
+choice) get none. A multilabel task has no single matrix (an item carries any number of labels):
+its first dev split gets `label_scores.csv` instead, each label scored as its own yes/no question.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def split_confusion(spec: "TaskSpec", split: str, examples: Sequence, features: 
     return confusion_matrix(gold, predicted, spec.labels, split)
 
 
+def split_label_scores(spec: "TaskSpec", examples: Sequence, features: Mapping[str, np.ndarray],
+                       outputs: Mapping[str, np.ndarray]) -> list[ClassScore] | None:
+    """A multilabel split's per-label scores (`label_scores`); None for every other family."""
+    if spec.family != "multilabel":
+        return None
+    gold, predicted = spec.family_info.gold_and_predicted(spec, examples, features, outputs)
+    return label_scores(gold, predicted, spec.labels)
+
+
 def per_class(confusion: Confusion) -> list[ClassScore]:
     """Precision, recall and F1 of every class, in label order (one-vs-rest, from the counts)."""
     counts = confusion.counts
@@ -100,8 +110,63 @@ def per_class(confusion: Confusion) -> list[ClassScore]:
     return out
 
 
+def label_scores(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]],
+                 labels: Sequence[str]) -> list[ClassScore]:
+    """Multilabel: each label's precision, recall and F1 as its own yes/no question over the items
+    (one-vs-rest, as scikit-learn's `average=None`), in label order. A multilabel task has no
+    single confusion matrix: an item may carry several labels, or none."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold items but {len(predicted)} predictions")
+    out = []
+    for label in labels:
+        is_gold = np.array([label in g for g in gold], dtype=bool)
+        is_predicted = np.array([label in p for p in predicted], dtype=bool)
+        tp, support, n_predicted = int((is_gold & is_predicted).sum()), int(is_gold.sum()), int(is_predicted.sum())
+        out.append(ClassScore(str(label), 100 * tp / n_predicted if n_predicted else 0.0,
+                              100 * tp / support if support else 0.0,
+                              100 * 2 * tp / (support + n_predicted) if support + n_predicted else 0.0,
+                              support, n_predicted))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Files
+
+LABEL_SCORES = "label_scores.csv"      # a multilabel winner's per-label scores, beside its predictions
+_SCORE_COLUMNS = ("label", "precision", "recall", "f1", "support", "predicted")
+
+
+def label_scores_csv(scores: Sequence[ClassScore]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_SCORE_COLUMNS)
+    writer.writerows((s.label, f"{s.precision:.4f}", f"{s.recall:.4f}", f"{s.f1:.4f}", s.support, s.predicted)
+                     for s in scores)
+    return buffer.getvalue()
+
+
+def write_label_scores(scores: Sequence[ClassScore], directory: str) -> str:
+    path = posixpath.join(str(directory), LABEL_SCORES)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(label_scores_csv(scores))
+    return path
+
+
+def read_folder_label_scores(folder: str) -> list[ClassScore] | None:
+    """The `label_scores.csv` of a predictions folder (local or fsspec URL), or None."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(folder)
+    path = posixpath.join(root, LABEL_SCORES)
+    return read_label_scores(fs.cat_file(path).decode("utf-8")) if fs.isfile(path) else None
+
+
+def read_label_scores(text: str) -> list[ClassScore]:
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or tuple(rows[0]) != _SCORE_COLUMNS:
+        raise ValueError(f"not a label scores file: the header should be {','.join(_SCORE_COLUMNS)}")
+    return [ClassScore(r[0], float(r[1]), float(r[2]), float(r[3]), int(r[4]), int(r[5])) for r in rows[1:]]
+
 
 
 def to_csv(confusion: Confusion) -> str:

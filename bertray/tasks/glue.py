@@ -165,12 +165,19 @@ def _parse_label(path: str, line: int, value: str, labels: tuple[str, ...]) -> s
 
 def encode_texts(examples: Sequence, tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
     """`input_ids`, `token_type_ids`, `attention_mask` of examples with `text_a` and `text_b`
-    (None for single sentences), tokenized `FEATURIZE_CHUNK` examples at a time."""
+    (None for single sentences), tokenized `FEATURIZE_CHUNK` examples at a time into arrays
+    allocated once: a large file's features are never held twice (as chunks and as their join)."""
     pairs = bool(examples) and examples[0].text_b is not None
-    chunks = [examples[i:i + FEATURIZE_CHUNK] for i in range(0, max(1, len(examples)), FEATURIZE_CHUNK)]
-    parts = [encode_pairs(tokenizer, [e.text_a for e in chunk], [e.text_b for e in chunk] if pairs else None,
-                          max_seq_len) for chunk in chunks]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, max(1, len(examples)), FEATURIZE_CHUNK):
+        chunk = examples[start:start + FEATURIZE_CHUNK]
+        part = encode_pairs(tokenizer, [e.text_a for e in chunk], [e.text_b for e in chunk] if pairs else None,
+                            max_seq_len)
+        if not out:
+            out = {k: np.empty((len(examples),) + v.shape[1:], dtype=v.dtype) for k, v in part.items()}
+        for k, v in part.items():
+            out[k][start:start + len(chunk)] = v
+    return out
 
 
 def featurize_glue(examples: Sequence[GlueExample], tokenizer, max_seq_len: int = 128,

@@ -227,6 +227,18 @@ CONVERTERS = {"classification": _classification, "regression": _regression, "mul
               "token": _token, "span": _span, "multiple_choice": _multiple_choice}
 
 
+def records(card, url: str) -> Iterator[files.Row]:
+    """The records of `url` (`files.read_rows`), a CoNLL column file's sentences under the card's
+    own token and tag fields: a column file has no header to name them, and one card may read its
+    train split from JSONL lists (`text: words`, `label: ner`) and its test split from columns."""
+    stream = files.read_rows(url, card.file_format)
+    if files.format_of(url, card.file_format) != "conll":
+        return stream
+    names = {"tokens": card.text[0], "tags": card.label}
+    return (row if row.fields is None else files.Row(row.line, {names[k]: v for k, v in row.fields.items()})
+            for row in stream)
+
+
 def rows(card, url: str, *, labelled: bool) -> Iterator[tuple[int, Any, str | None]]:
     """(line, example, None) or (line, None, problem) for every record of `url`, in file order."""
     kind = files.format_of(url, card.file_format)
@@ -237,7 +249,7 @@ def rows(card, url: str, *, labelled: bool) -> Iterator[tuple[int, Any, str | No
             yield 0, example, None
         return
     convert = CONVERTERS[card.type]
-    for row in files.read_rows(url, card.file_format):
+    for row in records(card, url):
         if row.fields is None:
             yield row.line, None, row.problem
             continue
@@ -326,4 +338,4 @@ def fingerprint(card, example: Any) -> int:
 
 
 __all__ = ["BadRow", "CONVERTERS", "class_label", "fingerprint", "float_label", "held_out", "label_list",
-           "listish", "read_split", "rows", "split_rows", "stratum"]
+           "listish", "read_split", "records", "rows", "split_rows", "stratum"]

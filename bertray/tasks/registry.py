@@ -276,12 +276,14 @@ def _write_swag(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory:
 
 
 def _write_conll(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
-    """conlleval's input: "word gold predicted" per line, a blank line between sentences."""
+    """conlleval's input: "word gold predicted" per line, a blank line between sentences; an
+    unlabelled split (your own task's test file) has no gold tags to show: "word predicted"."""
     predictions = spec.decode(s.examples, s.features, outputs)
     path = f"{directory}/{s.split}_predictions.txt"
     with open(path, "w", encoding="utf-8") as f:
         for example, tags in zip(s.examples, predictions):
-            f.writelines(f"{w} {g} {p}\n" for w, g, p in zip(example.words, example.tags, tags))
+            columns = zip(example.words, example.tags, tags) if s.labelled else zip(example.words, tags)
+            f.writelines(" ".join(line) + "\n" for line in columns)
             f.write("\n")
     return [path]
 

@@ -23,7 +23,8 @@ from bertray.errors import ConfigError
 from bertray.model.config import MODEL_PRESETS, BertConfig
 from bertray.model.hf_format import fit_state_dict, load_state_dict, tensor_shapes, verify_checkpoint
 from bertray.storage import absolute_url, redact_url
-from bertray.train.checkpoints import local_checkpoint, resolve_checkpoint
+from bertray.runtime.checkpoint_cache import local_checkpoint
+from bertray.train.checkpoints import resolve_checkpoint
 from bertray.train.config import PretrainConfig
 
 # BertConfig keys that fix the shape of the weights: a run cannot change them and keep the checkpoint.

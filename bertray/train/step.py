@@ -15,36 +15,14 @@ decision on the device; bf16 (A100, H100) needs no scaler at all.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping, Sequence, get_args
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from bertray.train.config import Precision
-
-PRECISIONS = get_args(Precision)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from bertray.runtime.autocast import autocast, resolve_precision
 
 # (model, inputs) -> (loss, {metric: (value, weight)}); values are averaged weighted by their weights.
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], tuple[torch.Tensor, dict[str, tuple[torch.Tensor, Any]]]]
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 on GPUs that have it, fp16 on older GPUs (V100, T4), fp32 on CPUs."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass (and the loss); fp32 runs as is."""
-    resolved = resolve_precision(precision, device)
-    if resolved == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[resolved])
 
 
 class DeviceMeter:

@@ -111,7 +111,7 @@ def model_card(spec: TaskSpec, trial: Mapping[str, Any], metrics: Mapping[str, A
     primary = f"{spec.dev_splits[0]} {spec.metric}"
     lines = ["---", f"library_name: {'transformers' if loadable_by_transformers(spec) else 'bertray'}",
              f"pipeline_tag: {spec.family_info.pipeline_tag}", "tags:", "- bert", "- bertray", f"- {spec.name}", "---",
-             "", f"# {spec.name}: {spec.column}", "",
+             "", f"# {spec.name}: {spec.column}" if spec.column != spec.name else f"# {spec.name}", "",
              f"BERT fine-tuned on {spec.name} ({family}) by bertray's fine-tuning sweep (flows/finetune.py).", "",
              "| | |", "|---|---|",
              f"| task | {spec.name} ({family}"

@@ -47,6 +47,7 @@ DISTINCT = "distinct_predictions"    # {split}_distinct_predictions: 1 is a cons
 BASELINE_ROW = "trivial baseline"
 CONSTANT_FLAG = " (constant)"
 Confusions = Mapping[tuple[str, str], Mapping[str, confusion.Confusion]]   # (row, task) -> split -> matrix
+LabelScores = Mapping[tuple[str, str], Sequence[confusion.ClassScore]]      # (row, task) -> multilabel scores
 
 
 @dataclass
@@ -274,18 +275,26 @@ def winners_table(best: Mapping[tuple[str, str], TrialRecord], records: Sequence
     return "\n".join(lines)
 
 
-def class_tables(confusions: Confusions) -> str:
+def class_tables(confusions: Confusions, label_scores: LabelScores | None = None) -> str:
     """Per-class precision, recall and F1 (percent) of each winner on each dev split, with the
-    class's gold count and how often it was predicted; a class never predicted stands out."""
-    if not confusions:
+    class's gold count and how often it was predicted; a class never predicted stands out.
+    Multilabel winners (`label_scores`: (row, task) -> scores) get the same table per label."""
+    if not confusions and not label_scores:
         return ""
+    header = ["| class | precision | recall | F1 | support | predicted |", "|---|---|---|---|---|---|"]
+
+    def table(scores: Sequence[confusion.ClassScore]) -> list[str]:
+        return [f"| {_escape(s.label)} | {s.precision:.1f} | {s.recall:.1f} | {s.f1:.1f} | {s.support} | "
+                f"{s.predicted} |" for s in scores]
+
     lines = ["### Per-class scores of the winners (from confusion.csv / confusion.png beside their predictions)"]
     for (row, task), splits in confusions.items():
         for split, matrix in splits.items():
-            lines += ["", f"{row} / {task}, {split} ({matrix.total:,} items):", "",
-                      "| class | precision | recall | F1 | support | predicted |", "|---|---|---|---|---|---|"]
-            lines += [f"| {_escape(s.label)} | {s.precision:.1f} | {s.recall:.1f} | {s.f1:.1f} | {s.support} | "
-                      f"{s.predicted} |" for s in confusion.per_class(matrix)]
+            lines += ["", f"{row} / {task}, {split} ({matrix.total:,} items):", "", *header,
+                      *table(confusion.per_class(matrix))]
+    for (row, task), scores in (label_scores or {}).items():
+        lines += ["", f"{row} / {task}, each label as a yes/no question ({confusion.LABEL_SCORES}):", "",
+                  *header, *table(scores)]
     return "\n".join(lines)
 
 
@@ -342,14 +351,17 @@ def _escape(text: str) -> str:
 
 
 def markdown(records: Sequence[TrialRecord], *, title: str = "Fine-tuning results", notes: Sequence[str] = (),
-             confusions: Confusions | None = None, specs: Mapping[str, TaskSpec] = TASKS) -> str:
+             confusions: Confusions | None = None, specs: Mapping[str, TaskSpec] = TASKS,
+             label_scores: LabelScores | None = None) -> str:
     """results.md; `confusions`: the winners' matrices by (row, task) and split (their per-class
-    tables); `specs`: the task specs by name (default: the built-in table)."""
+    tables), `label_scores` the multilabel winners' per-label scores; `specs`: the task specs by
+    name (default: the built-in table)."""
     best = select_best(records)
     rows = list(dict.fromkeys(r.row for r in records))
     tasks = list(dict.fromkeys(r.task for r in records))
     parts = [f"# {title}", *(n for n in notes if n), paper_tables(best, rows, tasks, records, specs),
-             winners_table(best, records, specs), class_tables(confusions or {}), seed_means_table(records),
+             winners_table(best, records, specs), class_tables(confusions or {}, label_scores),
+             seed_means_table(records),
              failures_table(records)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -401,10 +413,12 @@ def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_results(records: Sequence[TrialRecord], output: str, *, setting: Mapping[str, Any] | None = None,
                   title: str = "Fine-tuning results", notes: Sequence[str] = (),
-                  confusions: Confusions | None = None, specs: Mapping[str, TaskSpec] = TASKS) -> dict[str, str]:
+                  confusions: Confusions | None = None, specs: Mapping[str, TaskSpec] = TASKS,
+                  label_scores: LabelScores | None = None) -> dict[str, str]:
     """Write results.md, results.csv and results.json under `output` (local path or fsspec URL);
-    returns {kind: url}. `confusions`, `specs`: as `markdown` takes them."""
-    text = {"md": markdown(records, title=title, notes=notes, confusions=confusions, specs=specs),
+    returns {kind: url}. `confusions`, `specs`, `label_scores`: as `markdown` takes them."""
+    text = {"md": markdown(records, title=title, notes=notes, confusions=confusions, specs=specs,
+                           label_scores=label_scores),
             "csv": to_csv(records), "json": to_json(records, setting, confusions)}
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)

@@ -45,11 +45,13 @@ from bertray.model.config import BertConfig
 from bertray.errors import TaskDataError, check
 from bertray.tasks import baselines, confusion
 from bertray.tasks.registry import TASKS, TaskSpec
+from bertray.runtime.autocast import autocast
+from bertray.runtime.batches import attention_inputs, to_device
+from bertray.runtime.checkpoint_cache import cache_root, local_checkpoint
+from bertray.runtime.precision import PRECISIONS
 from bertray.tune import export
-from bertray.train.batches import attention_inputs, to_device
-from bertray.train.checkpoints import cache_root, local_checkpoint
 from bertray.train.optim import make_optimizer, warmup_linear_decay
-from bertray.train.step import PRECISIONS, TrainStep, autocast, task_loss
+from bertray.train.step import TrainStep, task_loss
 
 log = logging.getLogger("bertray.tune")
 
@@ -84,7 +86,7 @@ class TrialConfig:
     dropout: float | None = 0.1          # None: keep the checkpoint's dropout
     adam_eps: float = 1e-6
     clip_grad_norm: float = 1.0
-    precision: str = "auto"              # see bertray.train.step.resolve_precision
+    precision: str = "auto"              # see bertray.runtime.autocast.resolve_precision
     eval_batch_size: int = 128
     threads: int = 0                     # torch intra-op threads on CPU (0: leave torch's default)
     cache_dir: str | None = None         # feature and checkpoint cache (local); None: a temp folder
@@ -321,7 +323,9 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
     Metrics per epoch: `score` (the task's primary metric on its first dev split; the key Tune
     selects and schedules on), `epoch`, `train_loss`, `step`, `{split}_{metric}` for every dev
     split, `{split}_baseline_{metric}` (the task's trivial baseline on that split) and
-    `{split}_distinct_predictions` (1: a constant predictor), `train_examples_per_s`, `elapsed_s`.
+    `{split}_distinct_predictions` (1: a constant predictor), `train_examples_per_s`, `elapsed_s`,
+    and the wall-clock times (Unix seconds) `first_step_at` (the trial's first training step began)
+    and `train_ended_at` (this epoch's training pass ended), from which a sweep's overhead is timed.
     `files_dir` (default: a temporary folder) receives the prediction files of the last epoch,
     with `confusion.csv` for tasks with a closed label set (`bertray.tasks.confusion`). SQuAD 2.0
     is scored at the no-answer threshold tuned on each dev split for the best F1 (`{split}_tau`,
@@ -372,16 +376,18 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
              cfg.seed, step.precision, checkpoint, " (random init)" if cfg.random_init else "")
 
     history: list[dict[str, Any]] = []
-    seen, train_time = 0, 0.0
+    seen, train_time, first_step_at = 0, 0.0, None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
         tick = time.perf_counter()
+        first_step_at = first_step_at or time.time()
         for start in range(0, n_train, cfg.batch_size):
             batch = make_batch(spec, train, order[start:start + cfg.batch_size], device)
             step([batch])
             seen += len(batch["input_ids"])
         train_time += time.perf_counter() - tick
+        train_ended_at = time.time()
         train_loss = step.meter.read()["loss"]
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{spec.name}: training loss is {train_loss} in epoch {epoch}; "
@@ -402,6 +408,7 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
         metrics["score"] = metrics[f"{spec.dev_splits[0]}_{spec.metric}"]
         metrics["train_examples_per_s"] = seen / max(train_time, 1e-9)
         metrics["elapsed_s"] = time.perf_counter() - started
+        metrics.update(first_step_at=first_step_at, train_ended_at=train_ended_at)
         history.append(metrics)
         log.info("%s epoch %d: train_loss %.4f, %s %.2f", spec.name, epoch, train_loss,
                  f"{spec.dev_splits[0]}_{spec.metric}", metrics["score"])
@@ -413,11 +420,14 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
                 for s in eval_sets:    # a test split is decoded with the first dev split's tau
                     write_predictions(spec, s, outputs[s.split], files,
                                       tau=taus.get(s.split, taus.get(spec.dev_splits[0])))
-                for s in (s for s in eval_sets if s.labelled):    # confusion.csv (closed label sets)
+                for s in (s for s in eval_sets if s.labelled):    # confusion.csv, label_scores.csv
                     matrix = confusion.split_confusion(spec, s.split, s.examples, s.features, outputs[s.split],
                                                        **_at_tau(taus, s.split))
                     if matrix is not None:
                         confusion.write_csv(matrix, files, first=s.split == spec.dev_splits[0])
+                    scores = confusion.split_label_scores(spec, s.examples, s.features, outputs[s.split])
+                    if scores is not None and s.split == spec.dev_splits[0]:     # multilabel: per label
+                        confusion.write_label_scores(scores, files)
             if cfg.save_model:
                 folder = export.save_model(model, tokenizer, spec, Path(files) / MODEL_DIR, max_seq_len=max_seq_len)
                 export.write_card(folder, export.model_card(spec, dataclasses.asdict(cfg), metrics))

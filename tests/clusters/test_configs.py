@@ -400,7 +400,7 @@ def test_documented_flow_commands_are_valid():
     from bertray.cli import config_from_args
     from bertray.config import load_config
     from bertray.train.config import PretrainConfig
-    from bertray.tune.sweep import FinetuneConfig
+    from bertray.tune.sweep_plan import FinetuneConfig
 
     commands = _documented_flow_commands()
     assert {"pretrain", "finetune", "inspect_data"} <= {flow for _, flow, _ in commands}

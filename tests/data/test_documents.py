@@ -1,4 +1,5 @@
-"""Tests of bertray/data/documents.py: bytes -> lines -> cleaned sentences -> documents."""
+"""Tests of bertray/data/documents.py (and the bytes -> lines step of bertray/data/formats.py):
+bytes -> lines -> cleaned sentences -> documents."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from bertray.config import from_mapping
 from bertray.data.documents import (
     LAYOUT_PRESETS, CorpusCounters, CorpusLayout, clean_text, documents_from_text, iter_documents,
-    iter_lines, layout_warning, split_sentences,
+    layout_warning, split_sentences,
 )
+from bertray.data.formats import iter_lines
 from bertray.errors import ConfigError
 
 

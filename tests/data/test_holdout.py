@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from bertray.train.config import DataSection, PhaseConfig
-from bertray.data.pipeline import (PROVENANCE_COLUMNS, TRAINER_COLUMNS, holdout_key, iter_local, stream_spec,
-                                   unpack_doc_id)
-from bertray.data.pipeline import is_held_out as _is_held_out
+from bertray.data.config import DataSection, PhaseConfig
+from bertray.data.pipeline import iter_local, unpack_doc_id
+from bertray.data.stream_spec import PROVENANCE_COLUMNS, TRAINER_COLUMNS, holdout_key, stream_spec
+from bertray.data.stream_spec import is_held_out as _is_held_out
 from bertray.data.sources import resolve_corpus
 from bertray.errors import ConfigError
 

@@ -16,7 +16,8 @@ import pytest
 
 from bertray.data import documents
 from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters, split_sentences
-from bertray.data.sources import CorpusFile, read_documents
+from bertray.data.formats import read_documents
+from bertray.data.sources import CorpusFile
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,9 +91,9 @@ def test_bad_rows_are_counted_in_full_but_logged_a_few_times(tmp_path, caplog):
 
 
 def test_an_oversized_parquet_value_is_skipped_and_counted(tmp_path, monkeypatch):
-    from bertray.data import sources
+    from bertray.data import formats
 
-    monkeypatch.setattr(sources, "MAX_ROW_CHARS", 1000)
+    monkeypatch.setattr(formats, "MAX_ROW_CHARS", 1000)
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"text": ["A short one. Fine.", "x" * 5000, "Another. Fine too."]}), path)
     docs, counters = read_all(path)
@@ -119,7 +120,7 @@ def test_a_decompression_bomb_is_cut_at_the_cap_and_named(tmp_path, caplog):
 def test_a_corpus_that_yields_nothing_fails_loudly_before_the_run(tmp_path):
     """Every file unreadable (here: not gzip although named .gz, as a .zst without zstandard is) or
     empty: the start-up check raises, naming the first files and their errors."""
-    from bertray.data.sources import preflight_layout
+    from bertray.data.formats import preflight_layout
     from bertray.errors import CorpusError
 
     for i in range(5):
@@ -174,7 +175,7 @@ def test_only_regular_files_and_links_inside_the_corpus_are_listed(tmp_path, cap
 
 
 def test_the_start_up_read_has_a_time_limit_and_names_the_file(tmp_path):
-    from bertray.data.sources import preflight_layout
+    from bertray.data.formats import preflight_layout
     from bertray.errors import CorpusError
 
     (tmp_path / "ok.txt").write_text("")                          # empty: the check goes on to the next file

@@ -28,7 +28,8 @@ def _contains(whole: list[int], part: list[int]) -> bool:
 def test_instances_point_back_to_their_source_sentences(ray_cluster, tmp_path, capsys):
     from bertray import wordpiece
     from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters
-    from bertray.data.sources import read_documents, resolve_corpus
+    from bertray.data.formats import read_documents
+    from bertray.data.sources import resolve_corpus
 
     out = tmp_path / "instances.json"
     assert _flow().main(["--corpus", str(CORPUS), "--num", "12", "--json", str(out), "--run.output", str(tmp_path)]) == 0

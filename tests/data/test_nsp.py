@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters, iter_documents, iter_lines
+from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters, iter_documents
+from bertray.data.formats import iter_lines
 from bertray.data.nsp import (
     IS_NEXT, NOT_NEXT, PROVENANCE_KEYS, NSPConfig, make_nsp_instances, make_packed_instances,
 )

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer
 from bertray.data.documents import LAYOUT_PRESETS
 from bertray.data.masking import MaskingConfig
 from bertray.data.nsp import NSPConfig
-from bertray.data.pipeline import (TRAINER_COLUMNS, PipelineCounters, StreamSpec, build_dataset, pack_doc_id,
-                                   unpack_doc_id)
+from bertray.data.pipeline import PipelineCounters, build_dataset, pack_doc_id, unpack_doc_id
+from bertray.data.stream_spec import TRAINER_COLUMNS, StreamSpec
 from bertray.data.sources import resolve_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

@@ -1,4 +1,4 @@
-"""bertray.data.sources: URL resolution, formats, compression, object storage, bad input."""
+"""bertray.data.sources and bertray.data.formats: URL resolution, formats, compression, object storage, bad input."""
 
 import bz2
 import gzip
@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertray.data.documents import LAYOUT_PRESETS, CorpusCounters
-from bertray.data.sources import CorpusFile, detect_format, preflight_layout, read_documents, resolve_corpus
+from bertray.data.formats import detect_format, preflight_layout, read_documents
+from bertray.data.sources import CorpusFile, resolve_corpus
 from bertray.errors import CorpusError
 
 BERT = LAYOUT_PRESETS["bert"]
@@ -85,9 +86,9 @@ def test_jsonl_rows_with_bad_records_are_counted(tmp_path, caplog):
 def test_an_overlong_jsonl_row_is_skipped_whole_and_named(tmp_path, caplog, monkeypatch):
     """A row over the limit is one skipped row with its own line number, not pieces counted as
     malformed rows that shift the numbers of the rows after it."""
-    from bertray.data import sources
+    from bertray.data import formats
 
-    monkeypatch.setattr(sources, "MAX_ROW_CHARS", 200)
+    monkeypatch.setattr(formats, "MAX_ROW_CHARS", 200)
     long_row = json.dumps({"text": "Word " * 100 + "end."})                      # 500+ characters
     rows = [json.dumps({"text": "Alpha one. Alpha two."}), long_row, "{not json",
             json.dumps({"text": "Beta one. Beta two."}), long_row]                 # the last has no newline

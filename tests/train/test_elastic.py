@@ -72,8 +72,9 @@ SCRIPT = textwrap.dedent('''
 def test_a_lost_worker_node_shrinks_the_group_and_the_run_trains_every_instance_once(tmp_path):
     from tokenizers import Tokenizer
 
-    from bertray.train.config import DataSection, PhaseConfig
-    from bertray.data.pipeline import PROVENANCE_COLUMNS, iter_local, stream_spec
+    from bertray.data.config import DataSection, PhaseConfig
+    from bertray.data.pipeline import iter_local
+    from bertray.data.stream_spec import PROVENANCE_COLUMNS, stream_spec
     from bertray.data.sources import resolve_corpus
 
     text = (REPO / "samples/corpus/wikitext-2/wiki.valid.raw").read_text()

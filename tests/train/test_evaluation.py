@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 
 from bertray.config import load_config
 from bertray.train.config import PretrainConfig
-from bertray.data.pipeline import holdout_key, is_held_out, iter_local, stream_spec, unpack_doc_id
+from bertray.data.pipeline import iter_local, unpack_doc_id
+from bertray.data.stream_spec import holdout_key, is_held_out, stream_spec
 from bertray.data.sources import resolve_corpus
 from bertray.errors import ConfigError
 from bertray.train.pretrain import EVAL_SEED, eval_baselines, eval_batches

@@ -128,7 +128,7 @@ def test_a_checkpoint_without_a_vocabulary_or_with_weights_that_do_not_fit_is_re
 @pytest.mark.parametrize("heads, loaded, fresh", [("bertray", ("MLM", "NSP"), ()), ("mlm", ("MLM",), ("NSP",)),
                                                   ("bare", (), ("MLM", "NSP"))])
 def test_heads_are_loaded_when_the_checkpoint_has_them(tmp_path, heads, loaded, fresh):
-    from bertray.train.pretrain import WorkerPlan, _build_model
+    from bertray.train.worker_loop import WorkerPlan, _build_model
 
     folder = tiny_checkpoint(tmp_path / heads, heads=heads)
     start = starting_checkpoint(run_config(folder))

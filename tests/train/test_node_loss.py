@@ -204,8 +204,9 @@ def trained_against_the_pass(tmp_path: Path) -> tuple[Counter, Counter]:
     instance of the pass, computed without Ray from the same tokenizer and settings."""
     from tokenizers import Tokenizer
 
-    from bertray.train.config import DataSection, PhaseConfig
-    from bertray.data.pipeline import PROVENANCE_COLUMNS, iter_local, stream_spec
+    from bertray.data.config import DataSection, PhaseConfig
+    from bertray.data.pipeline import iter_local
+    from bertray.data.stream_spec import PROVENANCE_COLUMNS, stream_spec
     from bertray.data.sources import resolve_corpus
 
     run = tmp_path / "runs" / "node-loss"

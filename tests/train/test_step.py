@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bertray.model.config import BertConfig
 from bertray.model.heads import BertForPreTraining, BertForSequenceClassification
 from bertray.tasks.registry import TASKS
-from bertray.train.batches import pretraining_batch
+from bertray.runtime.batches import pretraining_batch
 from bertray.train.optim import make_optimizer, warmup_linear_decay
 from bertray.train.step import DeviceMeter, TrainStep, pretraining_loss, task_loss
 from bertray.tune.trainer import make_batch
@@ -257,7 +257,7 @@ def _accumulation_matches_one_large_batch(ddp: bool, monkeypatch=None) -> int:
 def test_uneven_micro_batches_weighted_by_their_sequences_equal_one_batch():
     """A worker's share of an unevenly split global batch (elastic groups): micro-batches of 5, 5
     and 2 weighted 5/12, 5/12, 2/12 give the gradient of the 12 sequences at once."""
-    from bertray.train.pretrain import worker_batch
+    from bertray.train.worker_stream import worker_batch
 
     assert [worker_batch(26, 4, r) for r in range(4)] == [7, 7, 6, 6]
     assert sum(worker_batch(32, 3, r) for r in range(3)) == 32

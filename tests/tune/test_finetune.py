@@ -15,7 +15,8 @@ from bertray.config import load_config
 from bertray.errors import CheckpointError, ConfigError
 from bertray.tasks.registry import TASKS, resolve_tasks
 from bertray.tune import sweep as ft
-from bertray.tune.sweep import FinetuneConfig
+from bertray.tune import sweep_plan as plan
+from bertray.tune.sweep_plan import FinetuneConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -62,8 +63,8 @@ def test_config_is_validated_at_the_edge():
 def test_trials_carry_the_row_grid_point_and_fault_injection(tmp_path):
     cfg = FinetuneConfig(tasks="sst2,mrpc", learning_rates=(1e-4, 3e-5), batch_sizes=(32,), epochs=(2,),
                          seeds=(0, 7), fail_trials=("mrpc@3e-5",), max_seq_len=64)
-    rows = [ft.Row("ckpt", "/c"), ft.Row(ft.RANDOM_INIT, "/c", random_init=True)]
-    trials = ft.trial_configs(cfg, rows, resolve_tasks(cfg.tasks), cache_dir="/cache", threads=2)
+    rows = [plan.Row("ckpt", "/c"), plan.Row(plan.RANDOM_INIT, "/c", random_init=True)]
+    trials = plan.trial_configs(cfg, rows, resolve_tasks(cfg.tasks), cache_dir="/cache", threads=2)
     assert len(trials) == 2 * 2 * 2 * 2
     failing = [t for t in trials if t["trial"]["fail"]]
     assert len(failing) == 2 * 2 and {t["trial"]["task"] for t in failing} == {"mrpc"}
@@ -74,7 +75,7 @@ def test_trials_carry_the_row_grid_point_and_fault_injection(tmp_path):
     assert [t["trial"]["random_init"] for t in trials].count(True) == 8
     # ASHA's groups: one per (row, task), in sweep order, each with only its own trials
     groups = ft._groups(trials)
-    assert list(groups) == [("ckpt", "sst2"), ("ckpt", "mrpc"), (ft.RANDOM_INIT, "sst2"), (ft.RANDOM_INIT, "mrpc")]
+    assert list(groups) == [("ckpt", "sst2"), ("ckpt", "mrpc"), (plan.RANDOM_INIT, "sst2"), (plan.RANDOM_INIT, "mrpc")]
     for (row, task), members in groups.items():
         assert len(members) == 4 and all(t["row"] == row and t["trial"]["task"] == task for t in members)
 
@@ -87,12 +88,12 @@ def test_trials_carry_the_row_grid_point_and_fault_injection(tmp_path):
     ({"CPU": 8.0}, {"cpus_per_trial": 4.0}, {"cpu": 4.0, "gpu": 0.0}),
 ])
 def test_one_gpu_per_trial_when_the_cluster_has_gpus(cluster, kw, expected):
-    assert ft.trial_resources(FinetuneConfig(**kw), cluster) == expected
+    assert plan.trial_resources(FinetuneConfig(**kw), cluster) == expected
 
 
 def test_more_resources_than_the_cluster_has_is_an_error():
     with pytest.raises(ConfigError, match="gpus_per_trial"):
-        ft.trial_resources(FinetuneConfig(gpus_per_trial=1.0), {"CPU": 2.0})
+        plan.trial_resources(FinetuneConfig(gpus_per_trial=1.0), {"CPU": 2.0})
 
 
 def test_rows_follow_run_directories_and_reject_non_checkpoints(tiny_checkpoint, tmp_path):
@@ -103,18 +104,18 @@ def test_rows_follow_run_directories_and_reject_non_checkpoints(tiny_checkpoint,
     (run / "latest").write_text("checkpoint_00000200\n")
     for given in (run, run / "latest"):
         cfg = FinetuneConfig(init_from=(str(given),), random_init=True)
-        rows = ft.resolve_rows(cfg)
+        rows = plan.resolve_rows(cfg)
         assert [r.label for r in rows] == ["run/checkpoint_00000200", "random init"]
         assert rows[0].checkpoint == str(run / "checkpoint_00000200") and rows[1].random_init
     with pytest.raises(CheckpointError, match="has no config.json") as error:
-        ft.resolve_rows(FinetuneConfig(init_from=(str(tmp_path),)))
+        plan.resolve_rows(FinetuneConfig(init_from=(str(tmp_path),)))
     assert "pretrain.py" not in str(error.value)
 
 
 def test_the_default_checkpoint_missing_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="python flows/pretrain.py"):
-        ft.resolve_rows(FinetuneConfig())
+        plan.resolve_rows(FinetuneConfig())
 
 
 def test_flow_flags_map_onto_the_config():
@@ -148,8 +149,8 @@ def test_each_sweep_has_its_own_folder_and_latest_names_the_newest(tmp_path, s3_
             fs, path = __import__("fsspec").core.url_to_fs(tables)
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             fs.pipe_file(path, name.encode())
-            ft.point_latest(output, name)
-            assert ft.latest_sweep(output) == ft.absolute_url(f"{output}/{name}")
+            plan.point_latest(output, name)
+            assert plan.latest_sweep(output) == plan.absolute_url(f"{output}/{name}")
         assert fs.cat_file(f"{path.rsplit('/', 2)[0]}/finetune-1/results.md") == b"finetune-1"
     assert (tmp_path / "out" / "latest").is_symlink() and (tmp_path / "out" / "latest" / "results.md").read_text() == \
         "finetune-2"
@@ -278,7 +279,7 @@ def test_asha_compares_trials_of_one_task_only_with_results_in_object_storage(ra
     assert set(sweep.best) == {(row, "sst2"), (row, "stsb")}
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     folder = f"{s3_bucket}/finetune/" + fs.cat_file(f"{s3_bucket}/finetune/latest").decode().strip()   # the sweep's own
-    assert ft.latest_sweep(f"s3://{s3_bucket}/finetune") == f"s3://{folder}"
+    assert plan.latest_sweep(f"s3://{s3_bucket}/finetune") == f"s3://{folder}"
     assert "| checkpoint | SST-2 | STS-B | Average |" in fs.cat_file(f"{folder}/results.md").decode()
     for task, submission in (("sst2", "SST-2.tsv"), ("stsb", "STS-B.tsv")):
         assert fs.isfile(f"{folder}/predictions/{task}/dev_predictions.tsv")

@@ -12,6 +12,7 @@ import pathlib
 
 import pytest
 
+from bertray.tasks import confusion
 from bertray.tasks.card import card_from_mapping, card_mapping
 from bertray.tasks.checks import check_card
 from bertray.tune.trainer import TrialConfig, run_trial
@@ -66,6 +67,20 @@ def test_a_multilabel_trial_exports_a_model_transformers_loads_as_multi_label(ti
     rows = list(csv.reader((tmp_path / "files" / "dev_predictions.tsv").open(encoding="utf-8"), delimiter="\t"))
     assert rows[0] == ["index", "prediction", "label"] and len(rows) == 1 + 30      # a tenth of 300 held out
     assert all(set(json.loads(r[1])) <= {"film", "people", "positive"} for r in rows[1:])
+    # each label scored as its own yes/no question, the same numbers as scikit-learn's
+    import sklearn.metrics
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    scores = confusion.read_label_scores((tmp_path / "files" / confusion.LABEL_SCORES).read_text())
+    assert [s.label for s in scores] == ["film", "people", "positive"]
+    binarize = MultiLabelBinarizer(classes=["film", "people", "positive"])
+    gold = binarize.fit_transform([json.loads(r[2]) for r in rows[1:]])
+    predicted = binarize.transform([json.loads(r[1]) for r in rows[1:]])
+    precision, recall, f1, support = sklearn.metrics.precision_recall_fscore_support(gold, predicted, average=None,
+                                                                                    zero_division=0)
+    assert [round(s.f1, 4) for s in scores] == [round(100 * x, 4) for x in f1]
+    assert [s.support for s in scores] == list(support) and [round(s.recall, 4) for s in scores] == \
+        [round(100 * x, 4) for x in recall]
 
 
 @pytest.mark.ray
@@ -118,6 +133,8 @@ tasks:
     assert classify("a moving, beautiful film")[0]["label"] in {"negative", "positive"}
     assert json.loads((latest / "models" / "tiny" / "topics" / "config.json").read_text())["problem_type"] \
         == "multi_label_classification"
+    results_md = (latest / "results.md").read_text()
+    assert "tiny / topics, each label as a yes/no question (label_scores.csv):" in results_md
     test = list(csv.reader((latest / "predictions" / "reviews" / "test_predictions.tsv").open(encoding="utf-8"),
                            delimiter="\t"))
     assert test[0] == ["index", "prediction"] and len(test) == 65 and test[1][0] == "2"    # file lines

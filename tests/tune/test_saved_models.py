@@ -28,7 +28,8 @@ from bertray.errors import ConfigError
 from bertray.tasks.registry import TASKS
 from bertray.tune import export, saved_models
 from bertray.tune import sweep as ft
-from bertray.tune.sweep import FinetuneConfig
+from bertray.tune import sweep_plan as plan
+from bertray.tune.sweep_plan import FinetuneConfig
 from bertray.tune.trainer import head_class, load_split, predict
 
 transformers = pytest.importorskip("transformers")
@@ -122,11 +123,11 @@ def test_save_models_is_validated_and_reaches_the_trials():
     with pytest.raises(ConfigError, match="save_models"):
         FinetuneConfig(save_models="best")
     cfg = FinetuneConfig(tasks="sst2", learning_rates=(1e-4,))
-    rows = [ft.Row("ckpt", "/c")]
+    rows = [plan.Row("ckpt", "/c")]
     assert cfg.save_models == "winners"
     for mode, saves in (("winners", True), ("all", True), ("none", False)):
-        trials = ft.trial_configs(FinetuneConfig(tasks="sst2", learning_rates=(1e-4,), save_models=mode), rows,
-                                  [TASKS["sst2"]], cache_dir="/cache", threads=1)
+        trials = plan.trial_configs(FinetuneConfig(tasks="sst2", learning_rates=(1e-4,), save_models=mode), rows,
+                                    [TASKS["sst2"]], cache_dir="/cache", threads=1)
         assert trials[0]["trial"]["save_model"] is saves
 
 
@@ -437,7 +438,7 @@ def test_all_keeps_every_trials_model_in_object_storage(ray_cluster, data_root, 
                    max_eval_examples=8)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     folder = sweep.folder.removeprefix("s3://")
-    assert ft.latest_sweep(output) == sweep.folder
+    assert plan.latest_sweep(output) == sweep.folder
     root = f"{folder}/models/minilm/sst2"
     winner = sweep.best[("minilm", "sst2")]
     assert sweep.models == {("minilm", "sst2"): f"s3://{root}"} and winner.model == f"s3://{root}"

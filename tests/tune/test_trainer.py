@@ -13,7 +13,7 @@ import torch
 from bertray.errors import CheckpointError, TaskDataError
 from bertray.tasks import metrics, squad
 from bertray.tasks.registry import TASKS
-from bertray.train import checkpoints
+from bertray.runtime import checkpoint_cache
 from bertray.tune import trainer
 from bertray.tune.trainer import InjectedFault, TrialConfig, run_trial
 
@@ -224,8 +224,8 @@ def test_checkpoint_and_data_from_object_storage(tiny_checkpoint, samples, s3_bu
     assert out.metrics["epoch"] == 1
     (local,) = (cache / "checkpoints").iterdir()
     assert sorted(p.name for p in local.iterdir()) == sorted(
-        p.name for p in tiny_checkpoint.iterdir() if p.name in checkpoints.CHECKPOINT_FILES)
-    assert checkpoints.local_checkpoint(f"s3://{s3_bucket}/ckpt", str(cache)) == local          # downloaded once
+        p.name for p in tiny_checkpoint.iterdir() if p.name in checkpoint_cache.CHECKPOINT_FILES)
+    assert checkpoint_cache.local_checkpoint(f"s3://{s3_bucket}/ckpt", str(cache)) == local          # downloaded once
     assert not (tmp_path / "f" / "SST-2.tsv").exists()                                     # no test split there
 
 
