@@ -91,7 +91,7 @@ def split_confusion(spec: "TaskSpec", split: str, examples: Sequence, features: 
 def split_label_scores(spec: "TaskSpec", examples: Sequence, features: Mapping[str, np.ndarray],
                        outputs: Mapping[str, np.ndarray]) -> list[ClassScore] | None:
     """A multilabel split's per-label scores (`label_scores`); None for every other family."""
-    if spec.family != "multilabel":
+    if not spec.family_info.label_sets:
         return None
     gold, predicted = spec.family_info.gold_and_predicted(spec, examples, features, outputs)
     return label_scores(gold, predicted, spec.labels)

@@ -188,6 +188,8 @@ class Family:
     gold_and_predicted: Callable[..., tuple[list, list]]   # (spec, examples, features, outputs, **decode
                                               # options) -> aligned hashable items: distinct predictions,
                                               # confusion matrices (when they are labels of spec.labels)
+    label_sets: bool = False                  # items are sets of labels (multilabel): scored per label,
+                                              # `confusion.label_scores`, not as one confusion matrix
 
     def head_name(self, spec: TaskSpec) -> str:
         if not spec.feature_based:
@@ -335,7 +337,7 @@ FAMILIES: dict[str, Family] = {
         table_metrics=(), column_suffix="",
         baseline=baselines.Baseline(lambda spec: "labels most rows of train carry (majority per label)",
                                     multilabel.majority_outputs),
-        gold_and_predicted=multilabel.gold_and_predicted,
+        gold_and_predicted=multilabel.gold_and_predicted, label_sets=True,
     ),
     "classification": Family(
         **_GLUE,
