@@ -8,7 +8,7 @@
     python flows/predict.py --model runs/finetune/latest/models/<row>/squad1 --input questions.parquet --output runs/predict/qa
     python flows/predict.py --model runs/finetune/latest/models/<row>/conll2003 --input news.jsonl --output runs/predict/ner
 
-Inputs: text (one per line), TSV with a header, JSONL or Parquet, at any fsspec URL (local,
+Inputs: text (one per line), CSV or TSV with a header, JSONL or Parquet, at any fsspec URL (local,
 s3://, gs://; credentials from the environment, never in the URL); a folder or glob means every
 file in it. Output: one Parquet shard per input file (or per run of row groups of a Parquet file)
 with column id (the input's --id-field, else <file>:<line>), the columns of the model's kind

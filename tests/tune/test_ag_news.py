@@ -12,10 +12,8 @@ training); the test asks for 20 points above the baseline."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pathlib
-import socket
 
 import pytest
 
@@ -23,20 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 CARD = REPO / "flows" / "configs" / "ag-news.yaml"
 SAMPLE = REPO / "samples" / "ag-news"
 TOPICS = ["World", "Sports", "Business", "Sci-Tech"]
-MAX_SEQ_LEN = 48          # the sweep's, and so predict's and serve's: the same truncation everywhere
-
-
-def _flow(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_flow_ag_news", REPO / "flows" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_SEQ_LEN = 48          # the sweep's; predict and serve read it from the saved config.json
 
 
 def _tsv(path: pathlib.Path) -> list[list[str]]:
@@ -47,7 +32,7 @@ def _tsv(path: pathlib.Path) -> list[list[str]]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ag_news_from_task_card_to_service(ray_cluster, minilm_dir, tmp_path, capsys, monkeypatch):
+def test_ag_news_from_task_card_to_service(ray_cluster, minilm_dir, flow, free_port, tmp_path, capsys, monkeypatch):
     import pyarrow.parquet as pq
     import requests
     import torch
@@ -55,7 +40,7 @@ def test_ag_news_from_task_card_to_service(ray_cluster, minilm_dir, tmp_path, ca
 
     # 1. card -> sweep: one trial, the card's grid overridden for CI (lr, batch, 1 epoch, 256 rows)
     out = tmp_path / "finetune"
-    code = _flow("finetune").main([
+    code = flow("finetune").main([
         "--init-from", str(minilm_dir), "--label", "minilm", "--task-file", str(CARD), "--lr", "2e-4",
         "--batch-size", "16", "--epochs", "1", "--max-train-examples", "256", "--max-eval-examples", "200",
         "--max-seq-len", str(MAX_SEQ_LEN), "--output", str(out)])
@@ -110,10 +95,9 @@ def test_ag_news_from_task_card_to_service(ray_cluster, minilm_dir, tmp_path, ca
     test = _tsv(predictions / "test_predictions.tsv")
     assert test[0] == ["index", "prediction"] and len(test) == 1 + 100
     assert {r[1] for r in test[1:]} <= set(TOPICS)
-    code = _flow("predict").main([
+    code = flow("predict").main([       # no --max-seq-len: the model's own, as the sweep truncated
         "--model", str(model_dir), "--input", str(SAMPLE / "test.jsonl"), "--text-field", "headline",
-        "--pair-field", "body", "--max-seq-len", str(MAX_SEQ_LEN), "--actors", "1", "--cpus-per-actor", "1",
-        "--output", str(tmp_path / "predict")])
+        "--pair-field", "body", "--actors", "1", "--cpus-per-actor", "1", "--output", str(tmp_path / "predict")])
     assert code == 0, capsys.readouterr()
     shards = sorted((tmp_path / "predict").glob("*.parquet"))
     predicted = sorted((r for s in shards for r in pq.read_table(s).to_pylist()), key=lambda r: r["id"])
@@ -126,7 +110,7 @@ def test_ag_news_from_task_card_to_service(ray_cluster, minilm_dir, tmp_path, ca
     # 5. the service: flows/serve.py's main, up to its wait loop, where it answers requests
     with open(SAMPLE / "test.jsonl", encoding="utf-8") as f:
         first = [json.loads(line) for line in f][:3]
-    port, answers = _free_port(), []
+    port, answers = free_port, []
 
     def ask_then_stop(seconds: float) -> None:        # main's `time.sleep(3600)`: the service is up
         url = f"http://127.0.0.1:{port}"
@@ -135,13 +119,13 @@ def test_ag_news_from_task_card_to_service(ray_cluster, minilm_dir, tmp_path, ca
                                      timeout=120))
         raise KeyboardInterrupt                     # what Ctrl-C does: main deletes the application
 
-    serve_flow = _flow("serve")
+    serve_flow = flow("serve")
     monkeypatch.setattr(serve_flow, "time", type("Clock", (), {"sleep": staticmethod(ask_then_stop)}))
     from ray import serve
 
     try:
         code = serve_flow.main(["--model", str(model_dir), "--port", str(port), "--cpus-per-replica", "0.5",
-                                "--max-seq-len", str(MAX_SEQ_LEN), "--name", "ag-news"])
+                                "--name", "ag-news"])
     finally:
         serve.shutdown()
     assert code == 0

@@ -28,14 +28,13 @@ CoNLL-2003 never enters the repository: its sentences are written to pytest's tm
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pathlib
+import shutil
 
 import pytest
 
 from bertray.tasks.ner import CONLL_LABELS
-from official_files import write_swag
 from bertray.tasks.registry import TASKS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -54,13 +53,6 @@ PAIRS = (
 LEARNED = ("status", "learning_rate", "batch_size", "epochs", "seed", "score", "epoch", "step", "train_loss")
 
 
-def _flow():
-    spec = importlib.util.spec_from_file_location("finetune_flow_equivalence", REPO / "flows" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --------------------------------------------------------------------------------------------
 # The built-in tasks' data root: a few rows of each official file, in its official layout
 
@@ -71,7 +63,7 @@ def _head_lines(source: pathlib.Path, target: pathlib.Path, rows: int) -> None:
     target.write_bytes(b"".join(source.read_bytes().splitlines(keepends=True)[:rows + 1]))
 
 
-def data_root(shared: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+def data_root(shared: pathlib.Path, root: pathlib.Path, swag: pathlib.Path) -> pathlib.Path:
     for folder in ("SST-2", "MRPC", "STS-B"):
         _head_lines(shared / "glue" / folder / "train.tsv", root / "glue" / folder / "train.tsv", N_TRAIN + 8)
         _head_lines(shared / "glue" / folder / "dev.tsv", root / "glue" / folder / "dev.tsv", N_EVAL + 8)
@@ -81,9 +73,8 @@ def data_root(shared: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
     for name, article, paragraphs in (("train-v1.1.json", 0, 12), ("dev-v1.1.json", 1, 8)):
         part = {**squad["data"][article], "paragraphs": squad["data"][article]["paragraphs"][:paragraphs]}
         (root / "squad" / "v1.1" / name).write_text(json.dumps({"version": "1.1", "data": [part]}), encoding="utf-8")
-    # SWAG: the official CSV layout, from the 10-example sample (6 train, 4 dev)
-    write_swag([json.loads(line) for line in (shared / "swag-sample" / "sample.json").read_text().splitlines()
-                if line], root / "swag")
+    # SWAG: the official CSV layout of the 10-example sample (6 train, 4 dev), as `families_root` has it
+    shutil.copytree(swag, root / "swag")
     # CoNLL-2003: the first sentences of each file (a temporary copy, never in the repository)
     (root / "conll2003").mkdir()
     for name, sentences in (("train.txt", N_TRAIN + 8), ("valid.txt", N_EVAL + 8), ("test.txt", N_EVAL + 8)):
@@ -211,7 +202,8 @@ def table_cells(printed: str, row: str) -> dict[str, str]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_cards_of_the_papers_tasks_train_to_the_builtin_scores(ray_cluster, tiny_checkpoint, shared_data,
+def test_cards_of_the_papers_tasks_train_to_the_builtin_scores(ray_cluster, tiny_checkpoint, shared_data, flow,
+                                                                 families_root,
                                                                  tmp_path, capsys):
     import numpy as np
     import transformers
@@ -221,7 +213,7 @@ def test_cards_of_the_papers_tasks_train_to_the_builtin_scores(ray_cluster, tiny
     from bertray.tasks.card import card_from_mapping
     from bertray.tasks.checks import check_card
 
-    root = data_root(shared_data, tmp_path / "data")
+    root = data_root(shared_data, tmp_path / "data", families_root / "swag")
     (tmp_path / "cards").mkdir()
     written = cards(root, tmp_path / "cards")
     (tmp_path / "cards.yaml").write_text(yaml.safe_dump({"tasks": written}))
@@ -230,7 +222,7 @@ def test_cards_of_the_papers_tasks_train_to_the_builtin_scores(ray_cluster, tiny
     assert check_card(card_from_mapping(unpinned))[0].labels == ("equivalent", "not_equivalent")
 
     out = tmp_path / "out"
-    code = _flow().main([
+    code = flow("finetune").main([
         "--init-from", str(tiny_checkpoint), "--label", "tiny", "--tasks", ",".join(b for _, b, *_ in PAIRS),
         "--data", str(root), "--task-file", str(tmp_path / "cards.yaml"),
         "--lr", "1e-3", "--batch-size", "16", "--epochs", "1", "--seed", "0",
