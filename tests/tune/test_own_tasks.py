@@ -135,6 +135,13 @@ tasks:
         == "multi_label_classification"
     results_md = (latest / "results.md").read_text()
     assert "tiny / topics, each label as a yes/no question (label_scores.csv):" in results_md
+    # multilabel end to end too: its baseline cell, a model transformers loads, its dev predictions
+    baseline = next(line for line in printed.splitlines() if line.startswith("| trivial baseline |")
+                    and line.count("|") == 5)                 # the own tasks' table: reviews, similarity, topics
+    assert all(cell.strip() not in ("", "-") for cell in baseline.split("|")[2:5]), baseline
+    topics_model = transformers.AutoModelForSequenceClassification.from_pretrained(latest / "models" / "tiny" / "topics")
+    assert topics_model.config.problem_type == "multi_label_classification"
+    assert (latest / "predictions" / "topics" / "dev_predictions.tsv").is_file()
     test = list(csv.reader((latest / "predictions" / "reviews" / "test_predictions.tsv").open(encoding="utf-8"),
                            delimiter="\t"))
     assert test[0] == ["index", "prediction"] and len(test) == 65 and test[1][0] == "2"    # file lines
