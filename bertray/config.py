@@ -29,6 +29,10 @@ T = TypeVar("T")
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# A config file's value that a flag must replace (as in OmegaConf): `init_from: ???` in a recipe
+# whose whole point is the user's checkpoint, so that forgetting the flag stops the run at once
+# instead of silently training something else.
+REQUIRED = "???"
 
 
 def _type_name(tp: Any) -> str:
@@ -129,6 +133,8 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, prefix: str = "", ign
             continue
         if key not in fields:
             raise unknown_key_error(prefix + key, fields, f" in {cls.__name__}")
+        if isinstance(value, str) and value == REQUIRED:
+            raise ConfigError(f"{prefix}{key}: required, and this config leaves it to you: give --{prefix}{key}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)

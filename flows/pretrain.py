@@ -97,19 +97,21 @@ def main(argv=None) -> int:
     m = result.metrics
     summary = {
         "steps": m.get("step"), "loss": m.get("loss"), "mlm_accuracy": m.get("mlm_accuracy"),
-        "nsp_accuracy": m.get("nsp_accuracy"), "eval_mlm_accuracy": m.get("eval_mlm_accuracy"),
-        "eval_nsp_accuracy": m.get("eval_nsp_accuracy"), **result.baselines, "sequences_per_s": m.get("sequences_per_s"),
+        "nsp_accuracy": m.get("nsp_accuracy"),
+        **{key: value for key, value in m.items() if key.endswith(("_mlm_accuracy", "_nsp_accuracy"))
+           and key.startswith(("eval_", "heldout_"))},
+        **result.baselines, "sequences_per_s": m.get("sequences_per_s"),
         "checkpoint": result.checkpoint, "curves": _curves(cfg), "wall_s": round(time.perf_counter() - started, 1),
         "pipeline": result.counters,
     }
     print("\n== pretraining finished ==")
     for key, value in summary.items():
         if key != "pipeline":
-            print(f"  {key:<18} {value:.4f}" if isinstance(value, float) else f"  {key:<18} {value}")
+            print(f"  {key:<20} {value:.4f}" if isinstance(value, float) else f"  {key:<20} {value}")
     for line in learning_lines(summary):
         print(f"  {line}")
     skipped = {k: v for k, v in result.counters.items() if v and k not in ("files", "lines", "bytes")}
-    print("  pipeline          ", ", ".join(f"{k}={v:,}" for k, v in sorted(skipped.items())))
+    print("  pipeline            ", ", ".join(f"{k}={v:,}" for k, v in sorted(skipped.items())))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
     return 0
@@ -140,17 +142,23 @@ NSP_MARGIN, MLM_RATIO = 0.05, 2.0
 
 
 def learning_lines(summary: dict) -> list[str]:
-    """The held-out accuracies against what a model that learned nothing scores, in words."""
+    """The held-out accuracies against what a model that learned nothing scores, in words: for each
+    evaluation set (files never trained on, documents held out of the training files)."""
+    from bertray.train.curves import EVAL_SETS
+
     lines = []
-    nsp, majority = summary.get("eval_nsp_accuracy"), summary.get("eval_nsp_majority")
-    if nsp is not None and majority is not None:
-        verdict = "learned" if nsp >= majority + NSP_MARGIN else f"not learned (needs {majority + NSP_MARGIN:.1%})"
-        lines.append(f"held-out NSP {nsp:.1%} (majority label {majority:.1%}): {verdict}")
-    mlm, frequent = summary.get("eval_mlm_accuracy"), summary.get("eval_mlm_baseline")
-    if mlm is not None and frequent:
-        ratio = mlm / frequent
-        verdict = "learned" if ratio >= MLM_RATIO else f"not learned (needs {MLM_RATIO:g}x)"
-        lines.append(f"held-out MLM {mlm:.1%} (most frequent token {frequent:.1%}, {ratio:.1f}x): {verdict}")
+    both = "heldout_mlm_baseline" in summary or "heldout_nsp_majority" in summary
+    for prefix, (_, _, described) in EVAL_SETS.items():
+        which = described if both else "held-out"
+        nsp, majority = summary.get(f"{prefix}_nsp_accuracy"), summary.get(f"{prefix}_nsp_majority")
+        if nsp is not None and majority is not None:
+            verdict = "learned" if nsp >= majority + NSP_MARGIN else f"not learned (needs {majority + NSP_MARGIN:.1%})"
+            lines.append(f"{which} NSP {nsp:.1%} (majority label {majority:.1%}): {verdict}")
+        mlm, frequent = summary.get(f"{prefix}_mlm_accuracy"), summary.get(f"{prefix}_mlm_baseline")
+        if mlm is not None and frequent:
+            ratio = mlm / frequent
+            verdict = "learned" if ratio >= MLM_RATIO else f"not learned (needs {MLM_RATIO:g}x)"
+            lines.append(f"{which} MLM {mlm:.1%} (most frequent token {frequent:.1%}, {ratio:.1f}x): {verdict}")
     return lines
 
 

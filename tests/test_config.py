@@ -1,11 +1,15 @@
 """bertray.config: presets, Hugging Face config.json round trips, validation errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from bertray.config import load_config
 from bertray.model.config import BertConfig, MODEL_PRESETS
 from bertray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name,layers,hidden,heads", [
@@ -152,3 +156,15 @@ def test_layout_fields_override_the_preset(tmp_path):
     assert load_config(PretrainConfig, path, {"data.layout": "wikitext"}).data.corpus_layout() == LAYOUT_PRESETS["wikitext"]
     with pytest.raises(ConfigError, match="data.boundary_pattern: is required"):
         load_config(PretrainConfig, path, {"data.document_boundary": "pattern"})
+
+
+def test_a_recipe_value_left_to_a_flag_stops_until_it_is_given():
+    """continue-pretraining.yaml has `init_from: ???`: without the flag the run would train a random
+    model on a new vocabulary, which is not what the recipe is for."""
+    from bertray.train.config import PretrainConfig
+
+    recipe = REPO / "flows" / "configs" / "continue-pretraining.yaml"
+    with pytest.raises(ConfigError, match=r"continue-pretraining\.yaml: model\.init_from: required, and this config "
+                                          r"leaves it to you: give --model\.init_from"):
+        load_config(PretrainConfig, recipe)
+    assert load_config(PretrainConfig, recipe, {"model.init_from": "s3://b/bert"}).model.init_from == "s3://b/bert"

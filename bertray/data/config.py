@@ -19,12 +19,12 @@ from bertray.storage import credential_keys
 @dataclass(frozen=True)
 class DataSection:
     corpus: tuple[str, ...] = doc((), "corpus URLs, globs or directories: local paths, s3://, gs://, any fsspec URL")
-    eval_corpus: tuple[str, ...] = doc((), "held-out corpus for the fixed-mask evaluation (empty: the documents "
-                                           "data.holdout_fraction keeps out of training, or no evaluation); its "
-                                           "files must not be training files")
+    eval_corpus: tuple[str, ...] = doc((), "held-out files for the fixed-mask evaluation, metrics eval_* (empty: "
+                                           "the documents data.holdout_fraction keeps out of training, or no "
+                                           "evaluation); its files must not be training files")
     holdout_fraction: float = doc(0.0, "share of data.corpus documents (chosen by a hash of file name and position) "
-                                       "never trained on; they are the held-out evaluation set unless "
-                                       "data.eval_corpus is given")
+                                       "never trained on; they are the held-out evaluation set (eval_*), or with "
+                                       "data.eval_corpus a second one (heldout_*)")
     format: Literal["auto", "text", "jsonl", "parquet"] = doc("auto", "file format (auto: by extension)")
     layout: str = doc("bert", "corpus layout preset: bert (sentence per line, blank line between documents), "
                               "wikitext, gutenberg, paragraphs")

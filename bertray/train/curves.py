@@ -29,17 +29,20 @@ BASELINES = "eval_baselines.json"
 CURVES = "curves.png"
 INSTALL_HINT = "pip install matplotlib"
 
-# (title, train key, held-out key, baseline key); a key no interval has is simply not drawn.
+# (title, train key, held-out metric, baseline); held-out keys are `{prefix}_{metric}` for each
+# evaluation set (`EVAL_SETS`); a key no interval has is simply not drawn.
 PANELS = (
-    ("loss", "loss", "eval_loss", None),
-    ("MLM accuracy", "mlm_accuracy", "eval_mlm_accuracy", "eval_mlm_baseline"),
-    ("NSP accuracy", "nsp_accuracy", "eval_nsp_accuracy", "eval_nsp_majority"),
+    ("loss", "loss", "loss", None),
+    ("MLM accuracy", "mlm_accuracy", "mlm_accuracy", "mlm_baseline"),
+    ("NSP accuracy", "nsp_accuracy", "nsp_accuracy", "nsp_majority"),
     ("learning rate", "learning_rate", None, None),
     ("sequences / s", "sequences_per_s", None, None),
     ("data wait (% of time)", "data_wait_share", None, None),
 )
 PARTS = {"loss": (("mlm_loss", "MLM", "-"), ("nsp_loss", "NSP", ":"))}   # thin lines under the total
-BASELINE_NAMES = {"eval_mlm_baseline": "most-frequent token", "eval_nsp_majority": "majority class"}
+BASELINE_NAMES = {"mlm_baseline": "most-frequent token", "nsp_majority": "majority class"}
+# prefix -> (line style, marker, what it is when a run has both sets); `eval` alone is "held-out".
+EVAL_SETS = {"eval": ("-.", "o", "held-out files"), "heldout": (":", "s", "held-out documents")}
 PERCENT = {"data_wait_share"}
 
 
@@ -73,7 +76,7 @@ def _figure(runs: Sequence[RunCurves]):
         raise ValueError("no runs to plot")
     fig = Figure(figsize=(13, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, (title, key, eval_key, base_key) in zip(fig.subplots(2, 3).ravel(), PANELS):
+    for ax, (title, key, eval_metric, base_metric) in zip(fig.subplots(2, 3).ravel(), PANELS):
         for i, run in enumerate(runs):
             style = {"color": f"C{i % 10}"}
             name = f"{run.label} " if len(runs) > 1 else ""
@@ -84,12 +87,16 @@ def _figure(runs: Sequence[RunCurves]):
                 xs, ys = _series(run.history, part)
                 if xs:
                     ax.plot(xs, ys, lw=0.8, ls=ls, alpha=0.7, label=f"{name}{part_name} (train)", **style)
-            xs, ys = _series(run.history, eval_key) if eval_key else ([], [])
-            if xs:
-                ax.plot(xs, ys, lw=1.2, ls="-.", marker="o", ms=3.5, label=f"{name}held-out", **style)
-            base = run.baselines.get(base_key) if base_key else None
-            if _number(base):
-                ax.axhline(base, lw=1, ls="--", label=f"{name}{BASELINE_NAMES[base_key]} {base:.3f}", **style)
+            both = any(k.startswith("heldout_") for k in run.baselines)
+            for prefix, (ls, marker, described) in EVAL_SETS.items():
+                which = described if both else "held-out"
+                xs, ys = _series(run.history, f"{prefix}_{eval_metric}") if eval_metric else ([], [])
+                if xs:
+                    ax.plot(xs, ys, lw=1.2, ls=ls, marker=marker, ms=3.5, label=f"{name}{which}", **style)
+                base = run.baselines.get(f"{prefix}_{base_metric}") if base_metric else None
+                if _number(base):
+                    ax.axhline(base, lw=1, ls="--" if prefix == "eval" else ":", **style,
+                               label=f"{name}{which + ': ' if both else ''}{BASELINE_NAMES[base_metric]} {base:.3f}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

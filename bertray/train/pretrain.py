@@ -61,7 +61,7 @@ class PretrainResult:
     checkpoint: str | None
     counters: dict[str, int]
     elapsed_s: float
-    baselines: dict[str, float]          # eval_mlm_baseline, eval_nsp_majority (see `eval_baselines`)
+    baselines: dict[str, float]          # {eval,heldout}_mlm_baseline, _nsp_majority (see `eval_baselines`)
 
 
 def latest_run_state(run_url: str) -> RunState | None:
@@ -80,23 +80,36 @@ def latest_run_state(run_url: str) -> RunState | None:
 EVAL_FILES_PER_TASK = 64   # held-out files interleaved in one read task: the first rows span them all
 
 
-def eval_batches(cfg: PretrainConfig, tokenizer_json: str, train_files: list[CorpusFile]) -> list[dict[str, np.ndarray]]:
-    """Fixed held-out batches: pairs and masks from a fixed seed, drawn once on the driver, from
-    `data.eval_corpus` or else from the documents `data.holdout_fraction` keeps out of training."""
-    data = cfg.data
+def eval_sets(cfg: PretrainConfig, tokenizer_json: str, train_files: list[CorpusFile]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Fixed held-out batches by metric prefix: pairs and masks from a fixed seed, drawn once on the
+    driver. `eval` is `data.eval_corpus` when it is set (files never trained on), else the documents
+    `data.holdout_fraction` keeps out of training; with both set, those documents are `heldout` too.
+    The two answer different questions: held-out documents come from books (or sites) the model has
+    read the rest of, so they also reward recognising the source; held-out files do not."""
+    data, sets = cfg.data, {}
     if data.eval_corpus:
         files = resolve_corpus(data.eval_corpus, storage_options=data.storage_options)
-        split, source = "train", f"data.eval_corpus: {list(data.eval_corpus)}"
         shared = sorted({f.url for f in files} & {f.url for f in train_files})
         if shared:
             raise ConfigError(f"data.eval_corpus: {len(shared)} of its files are also training files (e.g. "
                               f"{shared[0]}), so the held-out scores would measure memorised text; give separate "
                               "files, or leave data.eval_corpus empty and set data.holdout_fraction")
-    elif data.holdout_fraction > 0:
-        files, split, source = train_files, "heldout", f"data.holdout_fraction: {data.holdout_fraction}"
-    else:
-        return []
-    phase = cfg.train.phases[0]
+        sets["eval"] = _fixed_batches(cfg, tokenizer_json, files, "train", f"data.eval_corpus: {list(data.eval_corpus)}")
+    if data.holdout_fraction > 0:
+        source = f"data.holdout_fraction: {data.holdout_fraction}"
+        if not sets:
+            sets["eval"] = _fixed_batches(cfg, tokenizer_json, train_files, "heldout", source)
+            return sets
+        try:       # the second view: too few held-out documents leave it out, they do not stop the run
+            sets["heldout"] = _fixed_batches(cfg, tokenizer_json, train_files, "heldout", source)
+        except ConfigError as exc:
+            log.warning("no held-out documents evaluation (heldout_*), only data.eval_corpus's: %s", exc)
+    return sets
+
+
+def _fixed_batches(cfg: PretrainConfig, tokenizer_json: str, files: list[CorpusFile], split: str,
+                   source: str) -> list[dict[str, np.ndarray]]:
+    data, phase = cfg.data, cfg.train.phases[0]
     spec = dataclasses.replace(
         stream_spec(data, phase, tokenizer_json, seed=EVAL_SEED, generation=0, passes=1),
         split=split, holdout_fraction=data.holdout_fraction if split == "heldout" else 0.0, preserve_order=True,
@@ -116,17 +129,21 @@ def eval_batches(cfg: PretrainConfig, tokenizer_json: str, train_files: list[Cor
     return [{k: np.ascontiguousarray(v[i * size:(i + 1) * size]) for k, v in rows.items()} for i in range(n)]
 
 
-def eval_baselines(batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """What the held-out accuracies must beat: always predicting the most frequent masked token, and
-    always predicting the more common NSP label (Google's procedure gives more NotNext than IsNext)."""
-    if not batches:
-        return {}
-    ids = np.concatenate([b["masked_lm_ids"][b["masked_lm_weights"] > 0] for b in batches])
-    out = {"eval_mlm_baseline": float(np.bincount(ids).max() / len(ids))} if len(ids) else {}
-    labels = np.concatenate([b["next_sentence_labels"] for b in batches])
-    labels = labels[labels >= 0]
-    if len(labels):
-        out["eval_nsp_majority"] = float(max(labels.mean(), 1 - labels.mean()))
+def eval_baselines(sets: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, float]:
+    """What each set's held-out accuracies must beat (`{prefix}_mlm_baseline`, `{prefix}_nsp_majority`):
+    always predicting the most frequent masked token, and always predicting the more common NSP label
+    (Google's procedure gives more NotNext than IsNext)."""
+    out = {}
+    for prefix, batches in sets.items():
+        if not batches:
+            continue
+        ids = np.concatenate([b["masked_lm_ids"][b["masked_lm_weights"] > 0] for b in batches])
+        if len(ids):
+            out[f"{prefix}_mlm_baseline"] = float(np.bincount(ids).max() / len(ids))
+        labels = np.concatenate([b["next_sentence_labels"] for b in batches])
+        labels = labels[labels >= 0]
+        if len(labels):
+            out[f"{prefix}_nsp_majority"] = float(max(labels.mean(), 1 - labels.mean()))
     return out
 
 
@@ -293,7 +310,7 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
         tokenizer = run_tokenizer(cfg.data, files, run_url)
         bert_config = cfg.model.bert_config(tokenizer.get_vocab_size(), is_causal=cfg.data.objective == "ltr")
     tokenizer_json = tokenizer.to_str()
-    evaluation = eval_batches(cfg, tokenizer_json, files)
+    evaluation = eval_sets(cfg, tokenizer_json, files)
     baselines = eval_baselines(evaluation)
     write_text(join_url(run_url, BASELINES), json.dumps(baselines) + "\n")
     counters = on_driver_node(PipelineCounters).remote()
@@ -305,7 +322,7 @@ def _run(cfg: PretrainConfig, run_url: str, started: float, progress_bars: bool,
     storage_path, storage_fs = ray_storage(cfg.run.output)
     tensorboard_dir, tensorboard_url = _tensorboard_dirs(run_url) if cfg.run.tensorboard else (None, None)
     plan = WorkerPlan(config=cfg, bert_config=bert_config.to_dict(), tokenizer_json=tokenizer_json, run_url=run_url,
-                      eval_batches=evaluation, baselines=baselines,
+                      eval_sets=evaluation, baselines=baselines,
                       init_from=start.url if start is not None and saved is None else None,
                       tensorboard_dir=tensorboard_dir, tensorboard_url=tensorboard_url, corpus_files=len(files),
                       console=on_driver_node(ConsoleLines).remote() if console is not None else None)

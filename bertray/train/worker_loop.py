@@ -51,8 +51,8 @@ class WorkerPlan:
     bert_config: dict[str, Any]
     tokenizer_json: str
     run_url: str
-    eval_batches: list[dict[str, np.ndarray]]
-    baselines: dict[str, float]          # eval_mlm_baseline, eval_nsp_majority (see `pretrain.eval_baselines`)
+    eval_sets: dict[str, list[dict[str, np.ndarray]]]   # metric prefix -> fixed batches (`pretrain.eval_sets`)
+    baselines: dict[str, float]          # {prefix}_mlm_baseline, _nsp_majority (see `pretrain.eval_baselines`)
     init_from: str | None
     tensorboard_dir: str | None       # where rank 0 writes event files on its node
     tensorboard_url: str | None       # where they are copied at every checkpoint (remote runs), or None
@@ -61,7 +61,7 @@ class WorkerPlan:
 
 
 def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], device: torch.device,
-             precision: str) -> dict[str, float]:
+             precision: str, prefix: str = "eval") -> dict[str, float]:
     """Held-out MLM/NSP loss and accuracy on fixed batches (same masks every time)."""
     model.eval()
     meter = DeviceMeter()
@@ -69,7 +69,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, np.ndarray]], devic
         for batch in batches:
             meter.add_all(pretraining_loss(model, pretraining_batch(batch).to(device))[1])
     model.train()
-    return {f"eval_{k}": v for k, v in meter.read().items()}
+    return {f"{prefix}_{k}": v for k, v in meter.read().items()}
 
 
 def _build_model(plan: WorkerPlan, checkpoint: ray.train.Checkpoint | None):
@@ -198,10 +198,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             if state.step % tcfg.log_every == 0 or final:
                 metrics = {**step.meter.read(), **meter.summary(world), "step": state.step, "phase": phase_index,
                            "workers": world, "restarts": state.restarts, "resumed_from_step": resumed_from}
-            if plan.eval_batches and rank == 0 and (final or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
-                metrics.update(evaluate(model, plan.eval_batches, device, tcfg.precision))
+            if plan.eval_sets and rank == 0 and (final or (tcfg.eval_every and state.step % tcfg.eval_every == 0)):
+                for prefix, held_out in plan.eval_sets.items():
+                    metrics.update(evaluate(model, held_out, device, tcfg.precision, prefix))
             if metrics:
-                _log_metrics(metrics, state.step, tcfg.max_steps, rank, sinks)
+                _log_metrics(metrics, state.step, tcfg.max_steps, rank, sinks, tuple(plan.eval_sets))
                 last.update(metrics)
                 history.append({"step": state.step, **{k: v for k, v in metrics.items() if k != "step"}})
             # Metric lines go to bertray's sinks only, never to a metrics-only `ray.train.report`: that
@@ -230,12 +231,14 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def _log_metrics(metrics: dict[str, Any], step: int, total: int, rank: int, sinks: MetricSinks) -> None:
+def _log_metrics(metrics: dict[str, Any], step: int, total: int, rank: int, sinks: MetricSinks,
+                 eval_prefixes: tuple[str, ...]) -> None:
     if rank == 0:
         log.info(format_line(step, total, metrics))
-        evaluation = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}
-        if evaluation:
-            log.info(format_line(step, total, evaluation, prefix="eval"))
+        for prefix in eval_prefixes:
+            evaluation = {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(f"{prefix}_")}
+            if evaluation:
+                log.info(format_line(step, total, evaluation, prefix=prefix))
     sinks.emit(step, metrics)
 
 

@@ -97,6 +97,16 @@ def test_several_runs_share_axes_one_colour_each(tmp_path):
             assert to_rgb(line.get_color()) == to_rgb("C0" if run == "nsp" else "C1")
 
 
+def test_held_out_files_and_documents_are_drawn_and_named_apart():
+    both = [{**e, **{f"heldout_{k[5:]}": v + 0.1 for k, v in e.items() if k.startswith("eval_")}} for e in history()]
+    baselines = {**BASELINES, "heldout_mlm_baseline": 0.06, "heldout_nsp_majority": 0.55}
+    _, mlm, nsp, *_ = curves._figure([RunCurves("both", both, baselines)]).axes
+    assert [line.get_label() for line in nsp.get_lines()] == [
+        "train", "held-out files", "held-out files: majority class 0.638",
+        "held-out documents", "held-out documents: majority class 0.550"]
+    assert list(mlm.get_lines()[3].get_xdata()) == [120, 240, 360]
+
+
 def test_missing_keys_and_odd_values_do_not_crash():
     sparse = [{"step": 10, "loss": 7.0}, {"step": 20}, {"phase": 1, "loss": 6.0}, "junk",
               {"step": 30, "loss": float("nan"), "mlm_accuracy": True}, {"step": 40, "loss": 5.5}]
@@ -234,3 +244,8 @@ def test_the_summary_says_in_words_whether_nsp_and_mlm_were_learned():
     learned = {**constant, "eval_nsp_accuracy": 0.710, "eval_mlm_accuracy": 0.130}
     assert [line.rsplit(": ", 1)[1] for line in flow.learning_lines(learned)] == ["learned", "learned"]
     assert flow.learning_lines({"eval_mlm_accuracy": 0.13, "eval_mlm_baseline": 0.061})[0].endswith("learned")
+    both = {**learned, "heldout_nsp_accuracy": 0.86, "heldout_nsp_majority": 0.54}
+    assert flow.learning_lines(both) == [
+        "held-out files NSP 71.0% (majority label 65.6%): learned",
+        "held-out files MLM 13.0% (most frequent token 6.1%, 2.1x): learned",
+        "held-out documents NSP 86.0% (majority label 54.0%): learned"]

@@ -137,7 +137,7 @@ def test_heads_are_loaded_when_the_checkpoint_has_them(tmp_path, heads, loaded, 
     assert ("freshly initialised" in start.heads_line()) == bool(fresh)
 
     plan = WorkerPlan(config=run_config(folder), bert_config=start.config.to_dict(), tokenizer_json="", run_url="",
-                      eval_batches=[], baselines={}, init_from=start.url, tensorboard_dir=None, tensorboard_url=None,
+                      eval_sets={}, baselines={}, init_from=start.url, tensorboard_dir=None, tensorboard_url=None,
                       corpus_files=1)
     model, _, _ = _build_model(plan, None)
     from safetensors.torch import load_file

@@ -105,7 +105,9 @@ def test_two_workers_learn_and_export_to_transformers(ray_cluster, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = small_config(
         str(tmp_path), **{"scaling.num_workers": 2, "scaling.cpus_per_worker": 0.5, "train.max_steps": 30,
-                          "train.log_every": 5, "train.checkpoint_every": 30, "train.lr": 2e-3,
+                          "train.log_every": 5, "train.checkpoint_every": 30, "train.lr": 2e-3, "train.eval_every": 15,
+                          "data.eval_corpus": [str(REPO / "samples/corpus/wikitext-2/wiki.test.raw")],
+                          "data.holdout_fraction": 0.2,
                           "train.phases": [{"fraction": 1.0, "max_seq_len": 64, "max_predictions_per_seq": 10,
                                             "batch_size": 32}]})
     result = run_pretraining(cfg)
@@ -113,6 +115,11 @@ def test_two_workers_learn_and_export_to_transformers(ray_cluster, tmp_path):
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
     assert result.metrics["step"] == 30
+    # Both held-out views, evaluated on rank 0: the held-out file (eval_*) and held-out documents (heldout_*).
+    for prefix in ("eval", "heldout"):
+        assert [h["step"] for h in history if f"{prefix}_mlm_accuracy" in h] == [15, 30], prefix
+        assert 0 <= result.metrics[f"{prefix}_nsp_accuracy"] <= 1
+        assert 0 < result.baselines[f"{prefix}_mlm_baseline"] < 0.3 and 0.5 <= result.baselines[f"{prefix}_nsp_majority"] < 1
     # Ray Train's own record of the run carries the same metrics.
     for key in ("loss", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "learning_rate", "grad_norm",
                 "sequences_per_s", "tokens_per_s", "data_wait_share"):

@@ -1,22 +1,25 @@
-"""The whole chain: the embedded pretraining default -> its checkpoint -> fine-tuning on a GLUE dev set
-beats the same architecture from random weights, in the same grid with the same seeds.
+"""The whole chain: the embedded pretraining default learns on articles it never trained on, and its
+checkpoint, fine-tuned on a GLUE dev set, beats the same architecture from random weights in the same
+grid with the same seeds.
 
 The checkpoint comes from a real run of `python flows/pretrain.py` (the embedded default, unchanged:
-tiny model, WikiText-2 sample, 600 steps; only --output and --name point into a temporary folder),
+tiny model, WikiText-2 sample, 3,000 steps; only --output and --name point into a temporary folder),
 started once per module as a subprocess with its own local Ray (`--address local`, RAY_ADDRESS
 removed from its environment), so that it never joins the session's test cluster. It costs about
-3.5 minutes on an otherwise idle 2-core machine and is the most expensive test of the folder.
+12 minutes on an otherwise idle 2-core machine: the most expensive test of the suite, and the one
+that holds the project's first promise (a newcomer's first run prints "learned" twice).
+
+The run is reproducible to the last digit (`data.preserve_order` and the shipped vocabulary): it
+ends at held-out NSP 72.1% against a 60.7% majority label and MLM 13.5% against the most frequent
+token's 5.6% (2.4x). The assertions are the targets the summary prints its verdicts against.
 
 The probe: the SST-2 sample (samples/glue, 4,000 training examples, full dev set), lr 3e-4, batch
-32, one epoch, max length 64, seeds 0-2, both rows in one Tune sweep (`--random-init`). The embedded
-run is reproducible (`data.preserve_order` and the shipped vocabulary: two runs gave identical
-weights), and its checkpoint reached 61.6/54.7/61.5% dev accuracy while random init stayed at the
-majority class (50.9%) in all trials. The assertions (best +5 points, mean +3 points) sit inside
-that. Before the run was made reproducible, one of four runs gave a checkpoint that stayed at the
-majority class too: what this tiny, briefly trained checkpoint gives is a head start, not a higher
-ceiling (with two epochs or lr 1e-3 random init catches up, 70-74%; docs/benchmarks.md reports both).
+32, one epoch, max length 64, seeds 0-2, both rows in one Tune sweep (`--random-init`). What this
+tiny checkpoint gives is a head start, not a higher ceiling (with two epochs or lr 1e-3 random init
+catches up; docs/benchmarks.md reports both).
 
-Deselect with `-m "not slow"` for a quick run of the folder.
+Marked `learning`: the default `python -m pytest` leaves it out, and .ci/run runs it after the
+suite (`python -m pytest -q -m learning`), so that the suite keeps its time budget.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import time
 
 import pytest
 
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MAJORITY = 50.9
 
@@ -46,6 +51,7 @@ def embedded_pretraining(tmp_path_factory) -> pathlib.Path:
                            "--output", str(out), "--name", "embedded", "--json", str(out / "summary.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "console.txt").write_text(proc.stdout)
     print(f"embedded pretraining: {time.perf_counter() - started:.0f} s")
     assert (out / "embedded" / "latest").is_file()
     return out / "embedded"
@@ -53,17 +59,20 @@ def embedded_pretraining(tmp_path_factory) -> pathlib.Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_embedded_pretraining_learns_beyond_the_frequency_baseline(embedded_pretraining):
-    """Held-out MLM accuracy (fixed masks, WikiText-2 valid) against always guessing the most frequent
-    token ("the", 5.44%). Measured after the 600 default steps: 9.03%. NSP is reported, not asserted:
-    in this budget the tiny model still predicts the majority label (62.1%; see docs/benchmarks.md)."""
+def test_embedded_default_learns_nsp_and_mlm_on_unseen_articles(embedded_pretraining):
+    """The README's targets on WikiText-2's validation articles (1,024 fixed held-out pairs): NSP at
+    least the majority label + 5 points, MLM at least twice always guessing the most frequent token;
+    and the summary says so in words, next to the curves it leaves."""
     summary = json.loads((embedded_pretraining.parent / "summary.json").read_text())
     print({k: v for k, v in summary.items() if k.startswith("eval_")})
-    assert summary["steps"] == 600
-    baseline, accuracy = summary["eval_mlm_baseline"], summary["eval_mlm_accuracy"]
-    assert 0.03 < baseline < 0.09, summary
-    assert accuracy >= baseline + 0.01 and accuracy >= 1.15 * baseline, summary   # ~2.5 standard errors
-    assert 0.5 <= summary["eval_nsp_majority"] < 0.7 and summary["eval_nsp_accuracy"] > 0.4, summary
+    assert summary["steps"] == 3000
+    assert 0.5 <= summary["eval_nsp_majority"] < 0.7 and 0.03 < summary["eval_mlm_baseline"] < 0.09, summary
+    assert summary["eval_nsp_accuracy"] >= summary["eval_nsp_majority"] + 0.05, summary
+    assert summary["eval_mlm_accuracy"] >= 2 * summary["eval_mlm_baseline"], summary
+    console = (embedded_pretraining.parent / "console.txt").read_text()
+    verdicts = [line.strip() for line in console.splitlines() if line.strip().startswith("held-out ")]
+    assert len(verdicts) == 2 and all(line.endswith("): learned") for line in verdicts), console
+    assert pathlib.Path(summary["curves"]).read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.ray
