@@ -29,20 +29,16 @@ fine-tuning config, not here.
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
-import json
 import os
 import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
 from bertray.errors import ConfigError, TaskDataError
-from bertray.tasks import baselines, glue, multilabel, ner, own, squad, swag
+from bertray.tasks import baselines, glue, multilabel, ner, own, prediction_files, squad, swag
 
 FamilyName = Literal["classification", "multilabel", "regression", "span", "multiple_choice", "token"]
 
@@ -155,8 +151,7 @@ class Family:
     table needs no torch (`bertray.tune.trainer.head_class` resolves them)."""
 
     # The task module's functions behind TaskSpec.read/featurize/decode/evaluate, and the
-    # prediction files: (spec, s, outputs, directory, tau) -> paths written, where `s` is an
-    # evaluated split (`.split`, `.labelled`, `.examples`, `.features`: trainer.EvalSet).
+    # prediction files (bertray.tasks.prediction_files).
     read: Callable[[TaskSpec, str, str], tuple[list, dict[str, int]]]
     read_own: Callable[[TaskSpec, str, str], tuple[list, dict[str, int]]]   # a task card's files (own.py)
     featurize: Callable[..., dict[str, np.ndarray]]
@@ -225,83 +220,6 @@ def _exported_labels(spec: TaskSpec) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Prediction files, each family in its customary format
-
-
-def _write_glue(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
-    """A GLUE test split as the benchmark server's submission file (`SST-2.tsv`, `MNLI-m.tsv`,
-    ...); other splits, and your own tasks' test files, as `<split>_predictions.tsv` (index: the
-    row's line in its file for your own tasks)."""
-    predictions = spec.decode(s.examples, s.features, outputs)
-    if not s.labelled and spec.source is None:
-        return [glue.write_submission(spec.name, predictions, directory, s.split, s.examples)]
-    rows = [("index", "prediction", "label")] + [(e.guid, _text(p), _text(e.label))
-                                                  for e, p in zip(s.examples, predictions)]
-    if not s.labelled:
-        rows = [row[:2] for row in rows]
-    return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
-
-
-def _write_multilabel(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str,
-                      tau: float | None) -> list[str]:
-    """`<split>_predictions.tsv`: index, the predicted labels and (labelled splits) the gold ones,
-    each as a JSON list."""
-    width = 3 if s.labelled else 2
-    rows = [("index", "prediction", "label")[:width]]
-    for e, p in zip(s.examples, spec.decode(s.examples, s.features, outputs)):
-        rows.append((e.guid, json.dumps(list(p), ensure_ascii=False),
-                     json.dumps(list(e.labels or ()), ensure_ascii=False))[:width])
-    return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
-
-
-def _write_squad(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
-    """The official script's predictions.json and, for SQuAD 2.0, null odds; answers at `tau`
-    (None: tuned on `s` when it is labelled, as `evaluate` does, else 0)."""
-    start, end = outputs["start_logits"], outputs["end_logits"]
-    if spec.allow_no_answer and tau is None:
-        tau = squad.best_tau(s.examples, s.features, start, end) if s.labelled else 0.0
-    predictions, odds = squad.decode_squad(s.examples, s.features, start, end,
-                                           allow_no_answer=spec.allow_no_answer, tau=tau or 0.0)
-    paths = [f"{directory}/{s.split}_predictions.json"]
-    squad.write_predictions(predictions, paths[0])
-    if odds:
-        paths.append(f"{directory}/{s.split}_null_odds.json")
-        squad.write_predictions(odds, paths[1])
-    return paths
-
-
-def _write_swag(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
-    predictions = spec.decode(s.examples, s.features, outputs)
-    rows = [("guid", "prediction", "label")] + [(e.guid, str(p), "" if e.label is None else str(e.label))
-                                                for e, p in zip(s.examples, predictions)]
-    return [_write_tsv(f"{directory}/{s.split}_predictions.tsv", rows)]
-
-
-def _write_conll(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:
-    """conlleval's input: "word gold predicted" per line, a blank line between sentences; an
-    unlabelled split (your own task's test file) has no gold tags to show: "word predicted"."""
-    predictions = spec.decode(s.examples, s.features, outputs)
-    path = f"{directory}/{s.split}_predictions.txt"
-    with open(path, "w", encoding="utf-8") as f:
-        for example, tags in zip(s.examples, predictions):
-            columns = zip(example.words, example.tags, tags) if s.labelled else zip(example.words, tags)
-            f.writelines(" ".join(line) + "\n" for line in columns)
-            f.write("\n")
-    return [path]
-
-
-def _text(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _write_tsv(path: str, rows: Sequence[Sequence[str]]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(rows)
-    Path(path).write_text(buffer.getvalue(), encoding="utf-8")
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 # The families
 
 
@@ -312,7 +230,7 @@ _GLUE = dict(
     decode=lambda spec, ex, feats, out: glue.decode_glue(_output(out, "logits", spec), spec.labels),
     evaluate=lambda spec, ex, feats, out: glue.evaluate_glue(ex, _output(out, "logits", spec), spec.labels,
                                                              spec.metrics),
-    write_predictions=_write_glue,
+    write_predictions=prediction_files.write_glue,
     head="BertForSequenceClassification", feature_based_head=None,
     target_keys=("labels",), targets_per_token=False, output_keys=("logits",), pad_value=None, train_options={},
     auto_class="AutoModelForSequenceClassification", pipeline_tag="text-classification",
@@ -325,7 +243,7 @@ FAMILIES: dict[str, Family] = {
         decode=lambda spec, ex, feats, out: multilabel.decode_multilabel(_output(out, "logits", spec), spec.labels),
         evaluate=lambda spec, ex, feats, out: multilabel.evaluate_multilabel(ex, _output(out, "logits", spec),
                                                                              spec.labels, spec.metrics),
-        write_predictions=_write_multilabel,
+        write_predictions=prediction_files.write_multilabel,
         head="BertForSequenceClassification", feature_based_head=None,
         config_overrides=_head_labels,
         target_keys=("labels",), target_dtype="float", targets_per_token=False, output_keys=("logits",),
@@ -366,7 +284,7 @@ FAMILIES: dict[str, Family] = {
         evaluate=lambda spec, ex, feats, out, **o: squad.evaluate_squad(
             ex, feats, _output(out, "start_logits", spec), _output(out, "end_logits", spec),
             allow_no_answer=spec.allow_no_answer, **o),
-        write_predictions=_write_squad,
+        write_predictions=prediction_files.write_squad,
         head="BertForQuestionAnswering", feature_based_head=None,
         config_overrides=lambda spec: {},
         target_keys=("start_positions", "end_positions"), target_dtype="long", targets_per_token=False,
@@ -383,7 +301,7 @@ FAMILIES: dict[str, Family] = {
         featurize=lambda spec, ex, tok, n, **o: swag.featurize_swag(ex, tok, n, **o),
         decode=lambda spec, ex, feats, out: swag.decode_swag(_output(out, "logits", spec)),
         evaluate=lambda spec, ex, feats, out: swag.evaluate_swag(ex, _output(out, "logits", spec)),
-        write_predictions=_write_swag,
+        write_predictions=prediction_files.write_swag,
         head="BertForMultipleChoice", feature_based_head=None,
         config_overrides=lambda spec: {},
         target_keys=("labels",), target_dtype="long", targets_per_token=False,
@@ -399,7 +317,7 @@ FAMILIES: dict[str, Family] = {
         featurize=lambda spec, ex, tok, n, **o: ner.featurize_ner(ex, tok, n, spec.labels, **o),
         decode=lambda spec, ex, feats, out: ner.decode_ner(ex, feats, _output(out, "logits", spec), spec.labels),
         evaluate=lambda spec, ex, feats, out: ner.evaluate_ner(ex, feats, _output(out, "logits", spec), spec.labels),
-        write_predictions=_write_conll,
+        write_predictions=prediction_files.write_conll,
         head="BertForTokenClassification", feature_based_head="BertFeatureBasedTagger",
         config_overrides=_head_labels,
         target_keys=("labels",), target_dtype="long", targets_per_token=True,

@@ -181,30 +181,44 @@ def fills_masks_as_bertray_does(checkpoint: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_init_from_object_storage_then_resume_takes_precedence(ray_cluster, s3_server, tmp_path):
+def test_object_storage_start_checkpoints_and_resume_taking_precedence(ray_cluster, s3_bucket, tmp_path):
+    """A run that starts from a checkpoint in a bucket and writes its own there: its checkpoints,
+    `latest` pointer and TensorBoard events land in the bucket (TensorBoard with the writer Ray
+    already installs when the `tensorboard` package is not there), the first one continues the
+    start's vocabulary and heads, and a resume takes the run's own checkpoint before `init_from`,
+    which it no longer needs."""
     import s3fs
 
     from bertray.train.pretrain import run_pretraining
 
     folder = tiny_checkpoint(tmp_path / "start")
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    bucket = f"init-{uuid.uuid4().hex[:8]}"
-    fs.mkdir(bucket)
-    fs.put(str(folder) + "/", f"{bucket}/ckpt/", recursive=True)
-    name = f"continued-{uuid.uuid4().hex[:6]}"
-    settings = {"train.max_steps": 3, "train.checkpoint_every": 3, "train.eval_every": 0, "train.log_every": 1,
-                "train.lr": 1e-4, "run.output": str(tmp_path / "runs"), "run.name": name, "run.tensorboard": False,
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(folder) + "/", f"{s3_bucket}/ckpt/", recursive=True)
+    name, output = f"continued-{uuid.uuid4().hex[:6]}", f"s3://{s3_bucket}/runs"
+    settings = {"train.max_steps": 3, "train.checkpoint_every": 3, "train.eval_every": 0, "train.eval_batches": 2,
+                "train.log_every": 1, "train.lr": 1e-4, "run.output": output, "run.name": name,
+                "run.tensorboard": True,
                 "train.phases": [{"max_seq_len": 64, "max_predictions_per_seq": 10, "batch_size": 8}]}
-    first = run_pretraining(run_config(f"s3://{bucket}/ckpt", **settings))
+    first = run_pretraining(run_config(f"s3://{s3_bucket}/ckpt", **settings))
     assert first.metrics["step"] == 3 and first.metrics["resumed_from_step"] == 0
-    saved = Path(first.checkpoint)
+    assert first.checkpoint == f"{output}/{name}/checkpoint_00000003"
+    saved = tmp_path / "saved"
+    fs.get(first.checkpoint + "/", str(saved) + "/", recursive=True)
     assert (saved / "vocab.txt").read_text() == (VOCAB_8192 / "vocab.txt").read_text()
     assert json.loads((saved / "config.json").read_text())["vocab_size"] == 8192
     fills_masks_as_bertray_does(saved)
 
-    fs.rm(f"{bucket}/ckpt", recursive=True)          # a resume needs only the run's own checkpoint
-    resumed = run_pretraining(run_config(f"s3://{bucket}/ckpt", **{**settings, "train.max_steps": 5}))
+    fs.rm(f"{s3_bucket}/ckpt", recursive=True)       # a resume needs only the run's own checkpoint
+    resumed = run_pretraining(run_config(f"s3://{s3_bucket}/ckpt", **{**settings, "train.max_steps": 5}))
     assert resumed.metrics["step"] == 5 and resumed.metrics["resumed_from_step"] == 3
+    run = f"{s3_bucket}/runs/{name}"
+    fs.invalidate_cache()
+    assert {"checkpoint_00000003", "checkpoint_00000005", "latest"} <= {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
+    assert fs.cat_file(f"{run}/latest").decode().strip() == "checkpoint_00000005"
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoint_00000005")}
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "training_state.pt"} <= files
+    events = fs.glob(f"{run}/tensorboard/events.out.tfevents.*")
+    assert events and all(fs.size(e) > 0 for e in events)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Pretraining on a real local Ray cluster: the embedded default, 2 workers, resume, fault
-tolerance, object storage, metrics sinks. Small models and step counts; real corpus and Ray."""
+"""Pretraining on a real local Ray cluster: the embedded default, 2 workers, resume, a crash across
+phases, ablations, metrics sinks. Small models and step counts; real corpus and Ray. (Checkpoints in
+object storage: test_init_from.py; exact resume across crashes: test_resume.py.)"""
 
 import json
 import re
@@ -174,19 +175,6 @@ def test_resume_continues_step_schedule_and_optimizer(ray_cluster, tmp_path):
     assert lr_at[8] > peak * 0.3
 
 
-def test_worker_crash_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
-    from bertray.train.pretrain import run_pretraining
-
-    cfg = small_config(str(tmp_path), **{"train.max_steps": 12, "train.checkpoint_every": 4,
-                                         "train.fail_at_step": 7, "run.max_failures": 1})
-    result = run_pretraining(cfg)
-    run = tmp_path / cfg.run.name
-    assert (run / ".fault_injected").read_text().startswith("crashed at step 7")
-    assert result.metrics["step"] == 12
-    assert result.metrics["start_step"] == 4          # the retry began at the step-4 checkpoint
-    assert 12 in checkpoint_steps(run)
-
-
 def test_two_phases_with_accumulation_continue_one_optimizer_across_a_crash(ray_cluster, tmp_path):
     """The paper's schedule in miniature: phase 0 at sequence 32, phase 1 at 64 with its own P, both
     through gradient accumulation (micro-batches of 8 of 16); a crash in phase 1 resumes from the
@@ -215,29 +203,6 @@ def test_two_phases_with_accumulation_continue_one_optimizer_across_a_crash(ray_
     assert {float(s["step"]) for s in state_4["optimizer"]["state"].values()} == {4.0}
     assert {float(s["step"]) for s in state_8["optimizer"]["state"].values()} == {8.0}   # one optimizer, never reset
     assert state_8["scheduler"]["last_epoch"] == 8
-
-
-def test_checkpoints_in_object_storage_and_resume_there(ray_cluster, s3_bucket):
-    import s3fs
-
-    from bertray.train.pretrain import run_pretraining
-
-    output = f"s3://{s3_bucket}/runs"
-    first = small_config(output, "s3run", **{"train.max_steps": 6, "run.tensorboard": True})
-    run_pretraining(first)
-    result = run_pretraining(small_config(output, "s3run", **{"train.max_steps": 12}))
-    assert result.metrics["start_step"] == 6 and result.metrics["step"] == 12
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/runs/s3run")}
-    assert {"checkpoint_00000006", "checkpoint_00000012", "latest"} <= names
-    assert fs.cat_file(f"{s3_bucket}/runs/s3run/latest").decode().strip() == "checkpoint_00000012"
-    files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/runs/s3run/checkpoint_00000012")}
-    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "training_state.pt"} <= files
-    assert result.checkpoint == f"{output}/s3run/checkpoint_00000012"
-    # TensorBoard events, written on the worker's disk, reach the run in the bucket (with the
-    # writer Ray already installs when the `tensorboard` package is not there)
-    events = fs.glob(f"{s3_bucket}/runs/s3run/tensorboard/events.out.tfevents.*")
-    assert events and all(fs.size(e) > 0 for e in events)
 
 
 ABLATIONS = {

@@ -207,7 +207,7 @@ def test_with_the_check_off_the_watchdog_fails_the_hung_run(ray_cluster, tmp_pat
     from bertray.train.pretrain import run_pretraining
 
     cfg = embedded(tmp_path, shared_data, scaling={"num_workers": 2, "cpus_per_worker": 1, "resource_check": "skip"},
-                   train={"batch_wait_warn_s": 3, "batch_wait_fail_s": 10})
+                   train={"batch_wait_warn_s": 2, "batch_wait_fail_s": 5})       # the first batch: 15 s
     started = time.monotonic()
     with pytest.raises(Exception) as err:
         run_pretraining(cfg)
@@ -225,7 +225,7 @@ def embedded(tmp_path, shared_data, **sections) -> PretrainConfig:
     cfg = dataclasses.replace(cfg, data=with_repo_paths(cfg.data))
     mapping = dataclasses.asdict(cfg)
     mapping["run"].update(output=str(tmp_path), name=f"stall-{uuid.uuid4().hex[:8]}", max_failures=0)
-    mapping["train"].update(max_steps=4, log_every=2, eval_every=0, checkpoint_every=4)
+    mapping["train"].update(max_steps=4, log_every=2, eval_every=0, eval_batches=1, checkpoint_every=4)
     for name, values in sections.items():
         mapping[name].update(values)
     return from_mapping(PretrainConfig, mapping)
