@@ -1,8 +1,9 @@
 """Each family's prediction files, in the format its benchmark or tool reads: GLUE's submission
 TSVs, the official SQuAD script's predictions.json (and null odds), conlleval's columns, and a
-`<split>_predictions.tsv` for everything else. They are the `write_predictions` of the families in
-`bertray.tasks.registry`: (spec, s, outputs, directory, tau) -> paths written, where `s` is an
-evaluated split (`.split`, `.labelled`, `.examples`, `.features`: `bertray.tune.trainer.EvalSet`).
+`<split>_predictions.tsv` for everything else. `write` picks the family's writer; the writers are
+the `write_predictions` of the families in `bertray.tasks.registry`: (spec, s, outputs, directory,
+tau) -> paths written, where `s` is an evaluated split (`.split`, `.labelled`, `.examples`,
+`.features`: `bertray.tune.trainer.EvalSet`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ from bertray.tasks import glue, squad
 
 if TYPE_CHECKING:
     from bertray.tasks.registry import TaskSpec
+
+
+def write(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, *,
+          tau: float | None = None) -> list[str]:
+    """The split's predictions in the task's customary format (its family's `write_predictions`);
+    GLUE test splits as the benchmark server's submission files (`SST-2.tsv`, `MNLI-m.tsv`, ...).
+    Returns the paths written.
+
+    SQuAD 2.0 answers are decoded at the no-answer threshold `tau`, which should be the one the
+    dev metrics report (`run_trial` passes the tuned `{split}_tau`); None: tuned on `s` itself
+    when it is labelled (what `spec.evaluate` does), else 0. The null odds file does not depend on
+    it (+/-inf odds are written as large finite numbers)."""
+    return spec.family_info.write_predictions(spec, s, outputs, str(directory), tau)
 
 
 def write_glue(spec: TaskSpec, s, outputs: Mapping[str, np.ndarray], directory: str, tau: float | None) -> list[str]:

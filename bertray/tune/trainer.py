@@ -43,7 +43,7 @@ import torch
 
 from bertray.model.config import BertConfig
 from bertray.errors import TaskDataError, check
-from bertray.tasks import baselines, confusion
+from bertray.tasks import baselines, confusion, prediction_files
 from bertray.tasks.registry import TASKS, TaskSpec
 from bertray.runtime.autocast import autocast
 from bertray.runtime.batches import attention_inputs, to_device
@@ -418,8 +418,8 @@ def run_trial(cfg: TrialConfig, *, report: Report | None = None, device: torch.d
             os.makedirs(files, exist_ok=True)
             if cfg.predictions:
                 for s in eval_sets:    # a test split is decoded with the first dev split's tau
-                    write_predictions(spec, s, outputs[s.split], files,
-                                      tau=taus.get(s.split, taus.get(spec.dev_splits[0])))
+                    prediction_files.write(spec, s, outputs[s.split], files,
+                                           tau=taus.get(s.split, taus.get(spec.dev_splits[0])))
                 for s in (s for s in eval_sets if s.labelled):    # confusion.csv, label_scores.csv
                     matrix = confusion.split_confusion(spec, s.split, s.examples, s.features, outputs[s.split],
                                                        **_at_tau(taus, s.split))
@@ -444,22 +444,5 @@ def _at_tau(taus: Mapping[str, float], split: str) -> dict[str, float]:
     return {"tau": taus[split]} if split in taus else {}
 
 
-# --------------------------------------------------------------------------------------------
-# Prediction files
-
-
-def write_predictions(spec: TaskSpec, s: EvalSet, outputs: Mapping[str, np.ndarray], directory: str, *,
-                      tau: float | None = None) -> list[str]:
-    """The split's predictions in the task's customary format (its family's `write_predictions`);
-    GLUE test splits as the benchmark server's submission files (`SST-2.tsv`, `MNLI-m.tsv`, ...).
-    Returns the paths written.
-
-    SQuAD 2.0 answers are decoded at the no-answer threshold `tau`, which should be the one the
-    dev metrics report (`run_trial` passes the tuned `{split}_tau`); None: tuned on `s` itself
-    when it is labelled (what `spec.evaluate` does), else 0. The null odds file does not depend on
-    it (+/-inf odds are written as large finite numbers)."""
-    return spec.family_info.write_predictions(spec, s, outputs, str(directory), tau)
-
-
 __all__ = ["TrialConfig", "TrialOutcome", "InjectedFault", "run_trial", "build_model", "head_class", "predict",
-           "make_batch", "load_split", "write_predictions", "flat_metrics"]
+           "make_batch", "load_split", "flat_metrics"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bertray.errors import CheckpointError, TaskDataError
-from bertray.tasks import metrics, squad
+from bertray.tasks import metrics, prediction_files, squad
 from bertray.tasks.registry import TASKS
 from bertray.runtime import checkpoint_cache
 from bertray.tune import trainer
@@ -142,7 +142,7 @@ def test_squad2_prediction_files_use_the_tuned_tau(minilm_dir, tmp_path):
     for tau, expected in ((None, {"a": "Paris", "b": "", "c": "Seine", "d": ""}),     # tuned on dev itself
                           (scores["tau"], {"a": "Paris", "b": "", "c": "Seine", "d": ""}),
                           (0.0, {"a": "", "b": "", "c": "Seine", "d": ""})):
-        paths = trainer.write_predictions(spec, dev, outputs, str(tmp_path), tau=tau)
+        paths = prediction_files.write(spec, dev, outputs, str(tmp_path), tau=tau)
         assert paths == [str(tmp_path / "dev_predictions.json"), str(tmp_path / "dev_null_odds.json")]
         assert _strict_json(tmp_path / "dev_predictions.json") == expected
     odds = _strict_json(tmp_path / "dev_null_odds.json")
