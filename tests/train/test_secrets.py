@@ -80,9 +80,8 @@ def test_a_run_on_object_storage_writes_no_credential(s3_bucket, tmp_path):
     output = tmp_path / "runs"
     try:
         run = _run_flow(["--corpus", f"s3://{s3_bucket}/corpus/", "--output", str(output), "--name", "secrets",
-                         "--num-cpus", "2", "--train.max_steps", "4", "--train.log_every", "2",
-                         "--train.eval_every", "0", "--train.eval_batches", "1", "--train.checkpoint_every", "4"], secret,
-                        ray_tmp)
+                         "--num-cpus", "2", "--train.max_steps", "4", "--train.log_every", "2", "--train.eval_every",
+                         "0", "--train.eval_batches", "1", "--train.checkpoint_every", "4"], secret, ray_tmp)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
         assert (output / "secrets" / "checkpoint_00000004" / "bertray_state.json").is_file()
         assert secret not in run.stdout + run.stderr
